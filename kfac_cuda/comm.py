@@ -1,0 +1,34 @@
+"""What the preconditioner asks of its process group. ``LocalComm`` is the single-process
+answer; the distributed implementation (kfac_cuda.distributed) answers the same calls
+across ranks."""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from .eigh import Eig, eigh_many
+
+
+class LocalComm:
+    """Single process: nothing to communicate."""
+
+    def all_true(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank."""
+        return flag
+
+    def average_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Make every rank's ``.grad`` the average over ranks (no-op when a wrapper such
+        as DDP already did)."""
+
+    def average_(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Replace each tensor in place by its average over ranks."""
+
+    def eigh_many(self, mats: Sequence[torch.Tensor], labels: Sequence[str], costs: Sequence[float]) -> List[Optional[Eig]]:
+        """Decompose every matrix (the distributed version spreads them over ranks by cost)."""
+        return eigh_many(mats, labels)
+
+    def precondition_all(self, jobs: Sequence[Callable[[], Tuple[torch.Tensor, torch.Tensor]]],
+                         costs: Sequence[float]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Run every layer's preconditioning job, returning (U, <U, V>) per job on every rank."""
+        return [job() for job in jobs]

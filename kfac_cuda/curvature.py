@@ -1,0 +1,193 @@
+"""Per-layer curvature state of each method and its preconditioned gradient.
+
+Notation (see layers.py for the vec / bias-column conventions): V = [dW | db] is the
+(d_out, d_in + bias) gradient, abar the input row with the homogeneous 1, g the per-example
+gradient w.r.t. the layer output, dW_i = sum_t g_it abar_it^T the per-example gradient.
+
+K-FAC    A = E[abar abar^T], G = E[g g^T] (batch.py for weight sharing); A = Q_A diag(l_A) Q_A^T,
+         G = Q_G diag(l_G) Q_G^T. "eigen" damping inverts A (x) G + lambda I exactly:
+         U = Q_G [(Q_G^T V Q_A) / (l_G l_A^T + lambda)] Q_A^T.  "factored" damping (Martens & Grosse
+         2015) inverts (A + pi sqrt(lambda) I) (x) (G + sqrt(lambda)/pi I), pi = sqrt((tr A/dim A)/(tr G/dim G)).
+EKFAC    the K-FAC eigenbasis with scales S = E_i[(Q_G^T dW_i Q_A)^2] (George et al. 2018):
+         U = Q_G [(Q_G^T V Q_A) / (S + lambda)] Q_A^T.
+TKFAC    (Gao et al. 2021) P = E[|g|^2 abar abar^T], R = E[|abar|^2 g g^T], delta = E[|abar|^2 |g|^2]
+         (rows pooled as in batch.py); Phi = P/delta, Psi = R/delta, so tr(delta Phi (x) Psi) = delta
+         = tr F. Damped factors Phi^ = sqrt(delta) Phi + sqrt(lambda) I, Psi^ likewise; U = Psi^-1 V Phi^-1.
+TEKFAC   the eigenbasis of Phi, Psi with scales Theta = E_i[(Q_Psi^T dW_i Q_Phi)^2] (no delta):
+         U = Q_Psi [(Q_Psi^T V Q_Phi) / (Theta + lambda)] Q_Phi^T.
+All factors and scales are exponential moving averages X <- beta X + (1 - beta) X_batch; the
+first update of a factor takes the batch value, and after every basis refresh the scales are
+re-estimated from the current batch in the new basis.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .batch import LayerBatch
+from .layers import LayerAdapter
+from .ops import accumulate_scale, precondition
+
+Eig = Tuple[torch.Tensor, torch.Tensor]
+
+
+class KFACCurvature:
+    """K-FAC: factors A (input side) and G (output side) and their eigenbases."""
+
+    factor_names = ("A", "G")
+
+    def __init__(self, adapter: LayerAdapter, dtype: torch.dtype, device: torch.device, damping_style: str = "eigen"):
+        self.adapter = adapter
+        self.damping_style = damping_style
+        d_a = adapter.d_in + int(adapter.has_bias)
+        self.dim = d_a * adapter.d_out
+        self.buffers: Dict[str, Optional[torch.Tensor]] = {
+            "A": torch.zeros(d_a, d_a, dtype=dtype, device=device),
+            "G": torch.zeros(adapter.d_out, adapter.d_out, dtype=dtype, device=device),
+            "QA": None, "eA": None, "QG": None, "eG": None,
+        }
+        self.factors_initialized = False
+        self.eigh_failures = 0
+
+    # --- accumulation --------------------------------------------------------------------
+    def _factor_beta(self, decay: float) -> float:
+        return decay if self.factors_initialized else 0.0
+
+    def update_factors(self, batch: LayerBatch, decay: float) -> None:
+        beta = self._factor_beta(decay)
+        batch.accumulate_input_factor(self.buffers["A"], beta, (1 - beta) * batch.a_norm)
+        batch.accumulate_output_factor(self.buffers["G"], beta, (1 - beta) / batch.n)
+        self.factors_initialized = True
+
+    def synced_factors(self) -> List[torch.Tensor]:
+        """Tensors that ranks average after a factor update."""
+        return [self.buffers[k] for k in self.factor_names]
+
+    # --- eigenbases ----------------------------------------------------------------------
+    def basis_sources(self) -> List[torch.Tensor]:
+        """Matrices to decompose, input side first."""
+        return [self.buffers[k] for k in self.factor_names]
+
+    @property
+    def has_basis(self) -> bool:
+        return self.buffers["QA"] is not None
+
+    def set_bases(self, input_eig: Eig, output_eig: Eig) -> None:
+        self.buffers["eA"], self.buffers["QA"] = input_eig
+        self.buffers["eG"], self.buffers["QG"] = output_eig
+
+    # --- preconditioning -------------------------------------------------------------------
+    def natural_damping(self) -> Optional[float]:
+        """Mean eigenvalue of the layer's curvature block, for adaptive conv damping
+        (None where the method has no such damping)."""
+        return None
+
+    def precondition(self, V: torch.Tensor, damping: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        b = self.buffers
+        if self.damping_style == "factored":
+            mean_a, mean_g = b["eA"].mean().item(), b["eG"].mean().item()
+            pi = math.sqrt(mean_a / mean_g) if mean_a > 0 and mean_g > 0 else 1.0
+            root = math.sqrt(damping)
+            return precondition(V, b["QG"], b["QA"], damping=0.0, eig_g=b["eG"] + root / pi,
+                                eig_a=b["eA"] + pi * root, backend=backend)
+        return precondition(V, b["QG"], b["QA"], damping=damping, eig_g=b["eG"], eig_a=b["eA"], backend=backend)
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"buffers": {k: (None if v is None else v.clone()) for k, v in self.buffers.items()},
+                "factors_initialized": self.factors_initialized, "eigh_failures": self.eigh_failures}
+
+    def load_state_dict(self, state: dict) -> None:
+        like = self.buffers["A"]
+        for k, v in state["buffers"].items():
+            if k not in self.buffers:
+                raise KeyError(f"unexpected curvature buffer {k!r} for layer {self.adapter.name}")
+            self.buffers[k] = None if v is None else v.to(device=like.device, dtype=like.dtype).clone()
+        self.factors_initialized = state["factors_initialized"]
+        self.eigh_failures = state["eigh_failures"]
+
+
+class ScaleMixin:
+    """Eigenvalue-corrected scales in the current basis (EKFAC, TEKFAC)."""
+
+    buffers: Dict[str, Optional[torch.Tensor]]
+
+    def init_scales(self) -> None:
+        self.buffers["S"] = None
+
+    def update_scales(self, batch: LayerBatch, decay: float, fresh: bool) -> None:
+        """S <- decay S + (1 - decay) S_batch, or S <- S_batch right after a basis refresh."""
+        b = self.buffers
+        if b["S"] is None:
+            b["S"] = torch.zeros(b["QG"].shape[0], b["QA"].shape[0], dtype=b["QA"].dtype, device=b["QA"].device)
+            fresh = True
+        beta = 0.0 if fresh else decay
+        g, a = batch.scale_rows()
+        accumulate_scale(b["S"], g, a, b["QG"], b["QA"], bias=batch.bias, beta=beta,
+                         alpha=(1 - beta) / batch.n, backend=batch.backend)
+
+    def synced_scales(self) -> List[torch.Tensor]:
+        return [self.buffers["S"]]
+
+    def natural_damping(self) -> Optional[float]:
+        return self.buffers["S"].mean().item()
+
+    def precondition(self, V: torch.Tensor, damping: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        b = self.buffers
+        return precondition(V, b["QG"], b["QA"], damping=damping, scale=b["S"], backend=backend)
+
+
+class EKFACCurvature(ScaleMixin, KFACCurvature):
+    def __init__(self, adapter: LayerAdapter, dtype: torch.dtype, device: torch.device, **_):
+        super().__init__(adapter, dtype, device)
+        self.init_scales()
+
+
+class TKFACCurvature(KFACCurvature):
+    """Trace-restricted factors: A holds P = E[|g|^2 abar abar^T], G holds R = E[|abar|^2 g g^T],
+    plus delta = E[|abar|^2 |g|^2]; Phi = P / delta, Psi = R / delta."""
+
+    factor_names = ("A", "G", "delta")
+
+    def __init__(self, adapter: LayerAdapter, dtype: torch.dtype, device: torch.device, **_):
+        super().__init__(adapter, dtype, device)
+        self.buffers["delta"] = torch.zeros((), dtype=dtype, device=device)
+        self.buffers["delta_ref"] = None  # delta when the bases were last refreshed
+
+    def update_factors(self, batch: LayerBatch, decay: float) -> None:
+        beta = self._factor_beta(decay)
+        scale = (1 - beta) / batch.n
+        g_sq, a_sq = batch.g_row_sq_norms(), batch.a_row_sq_norms()
+        batch.accumulate_input_factor(self.buffers["A"], beta, scale, weights=g_sq)
+        batch.accumulate_output_factor(self.buffers["G"], beta, scale, weights=a_sq)
+        self.buffers["delta"].mul_(beta).add_((a_sq * g_sq).sum(), alpha=scale)
+        self.factors_initialized = True
+
+    def basis_sources(self) -> List[torch.Tensor]:
+        return [self.buffers["A"], self.buffers["G"]]
+
+    def set_bases(self, input_eig: Eig, output_eig: Eig) -> None:
+        """Store the eigen-decompositions of Phi and Psi (eigenvalues divided by delta)."""
+        delta = self.buffers["delta"].clamp_min(torch.finfo(self.buffers["delta"].dtype).tiny)
+        super().set_bases((input_eig[0] / delta, input_eig[1]), (output_eig[0] / delta, output_eig[1]))
+        self.buffers["delta_ref"] = delta.clone()
+
+    def natural_damping(self) -> Optional[float]:
+        return self.buffers["delta_ref"].item() / self.dim
+
+    def precondition(self, V: torch.Tensor, damping: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        b = self.buffers
+        root_delta, root_damp = b["delta_ref"].sqrt(), math.sqrt(damping)
+        return precondition(V, b["QG"], b["QA"], damping=0.0, eig_g=root_delta * b["eG"] + root_damp,
+                            eig_a=root_delta * b["eA"] + root_damp, backend=backend)
+
+
+class TEKFACCurvature(ScaleMixin, TKFACCurvature):
+    def __init__(self, adapter: LayerAdapter, dtype: torch.dtype, device: torch.device, **_):
+        super().__init__(adapter, dtype, device)
+        self.init_scales()
+
+
+CURVATURES = {"kfac": KFACCurvature, "ekfac": EKFACCurvature, "tkfac": TKFACCurvature, "tekfac": TEKFACCurvature}

@@ -1,0 +1,57 @@
+"""Kronecker-factor accumulation: A <- beta*A + alpha * abar^T diag(w) abar.
+
+abar = [a | 1] when ``bias`` (the homogeneous column; the kernel never materialises it),
+w is an optional per-row weight (1 for K-FAC; |g_i|^2 or |abar_i|^2 for the trace-weighted
+TKFAC factors). A is float32 (float64 allowed on the reference path), a may be fp32,
+bf16 or fp16 (accumulated in A's dtype). With beta == 0 the old A is never read, so
+NaN/Inf left in it do not propagate (the same contract as torch.addmm).
+Cost: n*d^2 multiply-adds (half of them needed by symmetry), reads n*d + d^2, writes d^2.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._dispatch import select
+
+
+def accumulate_factor_reference(
+    A: torch.Tensor,
+    a: torch.Tensor,
+    *,
+    bias: bool,
+    weights: Optional[torch.Tensor] = None,
+    beta: float = 0.0,
+    alpha: float = 1.0,
+) -> torch.Tensor:
+    """Pure-PyTorch definition; updates ``A`` in place and returns it."""
+    rows = a.to(A.dtype)
+    if bias:
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+    weighted = rows if weights is None else rows * weights.to(A.dtype).unsqueeze(1)
+    return A.addmm_(weighted.t(), rows, beta=beta, alpha=alpha)
+
+
+def accumulate_factor(
+    A: torch.Tensor,
+    a: torch.Tensor,
+    *,
+    bias: bool,
+    weights: Optional[torch.Tensor] = None,
+    beta: float = 0.0,
+    alpha: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """A <- beta*A + alpha * abar^T diag(weights) abar, in place.
+
+    Args:
+        A: (d + bias, d + bias) factor, updated in place.
+        a: (n, d) rows of activations (or output gradients, with ``bias=False``).
+        bias: append the implicit homogeneous 1 to every row.
+        weights: optional (n,) per-row weights.
+        beta, alpha: EMA weights.
+        backend: "auto" | "torch" | "cuda".
+    """
+    impl = select("accumulate_factor", backend, A, accumulate_factor_reference, None)
+    return impl(A, a, bias=bias, weights=weights, beta=beta, alpha=alpha)

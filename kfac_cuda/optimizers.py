@@ -1,0 +1,124 @@
+"""KFAC, EKFAC, TKFAC and TEKFAC as ``torch.optim.Optimizer``s.
+
+Each is momentum SGD (with decoupled-from-curvature L2 weight decay, as in the papers'
+setting and alecwangcq/KFAC-Pytorch) applied to the preconditioned gradient:
+    d = U + weight_decay * p;   buf = momentum * buf + d;   p <- p - lr * buf
+where U is the Preconditioner's output for supported layers (KL-clipped when ``kl_clip``)
+and the raw gradient for every other parameter (listed in ``summary()``). Param groups,
+LR schedulers and ``state_dict``/``load_state_dict`` behave as in torch.optim; the state
+dict also carries the curvature (factors, bases, scales, counters).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+from torch.optim import Optimizer
+
+from .preconditioner import Preconditioner
+
+
+class _KroneckerOptimizer(Optimizer):
+    method: str = ""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        *,
+        kl_clip: Optional[float] = 1e-3,
+        params=None,
+        **options: Any,
+    ):
+        """Args:
+            model: the model to train; its Linear/Conv2d layers are preconditioned.
+            lr, momentum, weight_decay: the SGD update applied to the preconditioned gradient.
+            kl_clip: KL-clipping radius (None disables).
+            params: parameters or param groups (default: ``model.parameters()``).
+            **options: passed to :class:`kfac_cuda.Preconditioner` (damping, factor_decay,
+                factor_update_steps, inv_update_steps, scale_update_steps, damping_style,
+                fisher, weight_sharing, loss_reduction, backend, skip_modules, ...).
+        """
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"lr, momentum and weight_decay must be >= 0 (got {lr}, {momentum}, {weight_decay})")
+        super().__init__(model.parameters() if params is None else params,
+                         dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.preconditioner = Preconditioner(model, self.method, kl_clip=kl_clip, **options)
+
+    def _lr_of(self, param: nn.Parameter) -> float:
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                return group["lr"]
+        raise KeyError("a preconditioned parameter is in no param group")
+
+    def summary(self) -> str:
+        return self.preconditioner.summary()
+
+    def sample_fisher(self, outputs: torch.Tensor, loss: str = "cross_entropy") -> None:
+        """See :meth:`kfac_cuda.Preconditioner.sample_fisher` (``fisher="mc"``)."""
+        self.preconditioner.sample_fisher(outputs, loss)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
+        """Precondition, then take the momentum-SGD step. A step whose gradients or captured
+        activations are not finite changes nothing (parameters, momentum, curvature)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self.preconditioner.step(lr=self._lr_of):
+            return loss
+        for group in self.param_groups:
+            lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad.add(p, alpha=wd) if wd else p.grad
+                if momentum:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = d.clone()
+                    else:
+                        buf.mul_(momentum).add_(d)
+                    d = buf
+                p.add_(d, alpha=-lr)
+        return loss
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state["curvature"] = self.preconditioner.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        curvature = state_dict.pop("curvature")
+        super().load_state_dict(state_dict)
+        self.preconditioner.load_state_dict(curvature)
+
+
+class KFAC(_KroneckerOptimizer):
+    """K-FAC (Martens & Grosse 2015): F ~ A (x) G per layer."""
+
+    method = "kfac"
+
+
+class EKFAC(_KroneckerOptimizer):
+    """EKFAC (George et al. 2018): K-FAC eigenbasis, per-element rescaling re-estimated from gradients."""
+
+    method = "ekfac"
+
+
+class TKFAC(_KroneckerOptimizer):
+    """TKFAC (Gao et al. 2021): F ~ delta Phi (x) Psi with tr preserved."""
+
+    method = "tkfac"
+
+
+class TEKFAC(_KroneckerOptimizer):
+    """TEKFAC (Gao et al., arXiv 2011.13609): TKFAC eigenbasis with eigenvalue-corrected scales."""
+
+    method = "tekfac"

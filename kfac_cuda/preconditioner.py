@@ -1,0 +1,381 @@
+"""The Preconditioner: captures activations and output gradients with module hooks,
+keeps each supported layer's curvature, and rewrites ``.grad`` with the preconditioned
+gradient, so it composes with any torch optimizer.
+
+Order within ``step()`` (TEKFAC paper, Algorithm 1, and George et al. 2018):
+1. every gradient and captured tensor is checked; a non-finite one skips the whole step
+   (factors, scales, bases, counters and ``.grad`` untouched) with a warning;
+2. on factor-update steps (and basis-refresh steps) the factors' EMAs take the batch;
+3. on basis-refresh steps (``inv_update_steps``) the eigenbases are recomputed, then the
+   scales (EKFAC, TEKFAC) are re-estimated from this batch in the NEW basis;
+4. on other scale-update steps (``scale_update_steps``) the scales' EMAs take the batch;
+5. each layer's gradient is preconditioned, optionally KL-clipped (Ba et al. 2017):
+   nu = min(1, sqrt(kl_clip / sum_layers lr^2 <U, V>)), U <- nu U.
+Hooks capture inputs and output gradients only on steps that update factors or scales.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .batch import SHARING, LayerBatch
+from .comm import LocalComm
+from .curvature import CURVATURES, KFACCurvature, ScaleMixin
+from .layers import Conv2dAdapter, LayerAdapter, adapter_for
+from .ops._dispatch import check_backend
+
+METHODS = tuple(CURVATURES)
+MAX_EIGH_FAILURES = 3
+LrArg = Union[None, float, Callable[[nn.Parameter], float]]
+
+
+class _Capture:
+    """Forward inputs and the matching output gradients (or outputs, for MC Fisher)."""
+
+    def __init__(self) -> None:
+        self.pairs: List[list] = []  # [input, output_grad or None, output or None]
+
+    def clear(self) -> None:
+        self.pairs.clear()
+
+
+def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+    return value
+
+
+class Preconditioner:
+    """Kronecker-factored preconditioning of a model's Linear and Conv2d layers.
+
+    Args:
+        model: the module whose layers are preconditioned.
+        method: "kfac" | "ekfac" | "tkfac" | "tekfac".
+        damping: Tikhonov damping lambda (the floor of the adaptive conv damping of TKFAC/TEKFAC).
+        factor_decay: EMA weight of the old factors (0 = this batch only).
+        scale_decay: EMA weight of the old scales (EKFAC, TEKFAC); defaults to ``factor_decay``.
+        factor_update_steps, inv_update_steps, scale_update_steps: update intervals in steps
+            (``scale_update_steps`` defaults to ``factor_update_steps``).
+        kl_clip: KL-clipping radius kappa, or None to disable.
+        lr: learning rate used by KL-clipping (the KFAC optimizers pass theirs).
+        damping_style: "eigen" (exact inverse of A(x)G + lambda I) or "factored" (K-FAC only).
+        adaptive_damping: TKFAC/TEKFAC conv-layer damping lambda_l = max(tr F_l / dim F_l, damping),
+            with the dense layers of a CNN raised to the largest conv lambda_l (TEKFAC Eq. 3.5).
+        fisher: "empirical" (gradients of the training loss) or "mc" (call ``sample_fisher``).
+        weight_sharing: "expand" or "reduce" for inputs with positions (sequences, conv).
+        loss_reduction: "mean" (captured output gradients are multiplied by the batch size)
+            or "sum".
+        backend: "auto" | "torch" | "cuda" for the hot ops.
+        skip_modules: module names, types or instances left alone.
+        max_factor_dim: layers whose factor side exceeds this are skipped (listed).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str = "kfac",
+        *,
+        damping: float = 1e-3,
+        factor_decay: float = 0.95,
+        scale_decay: Optional[float] = None,
+        factor_update_steps: int = 10,
+        inv_update_steps: int = 100,
+        scale_update_steps: Optional[int] = None,
+        kl_clip: Optional[float] = None,
+        lr: LrArg = None,
+        damping_style: str = "eigen",
+        adaptive_damping: bool = True,
+        fisher: str = "empirical",
+        weight_sharing: str = "expand",
+        loss_reduction: str = "mean",
+        backend: str = "auto",
+        skip_modules: Iterable = (),
+        max_factor_dim: int = 8192,
+        comm: Optional[LocalComm] = None,
+    ):
+        self.method = _choice("method", method.lower(), METHODS)
+        self.damping_style = _choice("damping_style", damping_style, ("eigen", "factored"))
+        if self.damping_style == "factored" and self.method != "kfac":
+            raise ValueError("damping_style='factored' applies to method='kfac' only")
+        self.fisher = _choice("fisher", fisher, ("empirical", "mc"))
+        self.weight_sharing = _choice("weight_sharing", weight_sharing, SHARING)
+        self.loss_reduction = _choice("loss_reduction", loss_reduction, ("mean", "sum"))
+        self.backend = check_backend(backend)
+        for name, v in (("factor_update_steps", factor_update_steps), ("inv_update_steps", inv_update_steps),
+                        ("scale_update_steps", scale_update_steps or 1)):
+            if int(v) != v or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        for name, v in (("factor_decay", factor_decay), ("scale_decay", scale_decay or 0.0)):
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+        if damping < 0:
+            raise ValueError(f"damping must be >= 0, got {damping!r}")
+        if kl_clip is not None and kl_clip <= 0:
+            raise ValueError(f"kl_clip must be positive or None, got {kl_clip!r}")
+        self.damping = float(damping)
+        self.factor_decay = float(factor_decay)
+        self.scale_decay = float(factor_decay if scale_decay is None else scale_decay)
+        self.factor_update_steps = int(factor_update_steps)
+        self.inv_update_steps = int(inv_update_steps)
+        self.scale_update_steps = int(scale_update_steps or factor_update_steps)
+        self.kl_clip = kl_clip
+        self.lr = lr
+        self.adaptive_damping = adaptive_damping
+        self.comm = comm or LocalComm()
+        self.steps = 0
+
+        self.layers: Dict[str, Tuple[LayerAdapter, KFACCurvature]] = {}
+        self.unsupported: List[Tuple[str, str]] = []
+        self._captures: Dict[str, _Capture] = {}
+        self._handles = []
+        self._register(model, skip_modules, max_factor_dim)
+
+    # --- set-up -----------------------------------------------------------------------------
+    def _register(self, model: nn.Module, skip_modules: Iterable, max_factor_dim: int) -> None:
+        skip = list(skip_modules)
+
+        def skipped(name: str, module: nn.Module) -> bool:
+            return any(s == name or s is module or (isinstance(s, type) and isinstance(module, s)) for s in skip)
+
+        curvature_cls = CURVATURES[self.method]
+        for name, module in model.named_modules():
+            if skipped(name, module):
+                if any(True for _ in module.parameters(recurse=False)):
+                    self.unsupported.append((name, "skipped by skip_modules"))
+                continue
+            adapter, reason = adapter_for(name, module)
+            if adapter is None:
+                if reason:
+                    self.unsupported.append((name, reason))
+                continue
+            if not module.weight.requires_grad:
+                continue
+            side = max(adapter.d_in + int(adapter.has_bias), adapter.d_out)
+            if side > max_factor_dim:
+                self.unsupported.append((name, f"factor side {side} > max_factor_dim={max_factor_dim}"))
+                continue
+            dtype = torch.float64 if module.weight.dtype == torch.float64 else torch.float32
+            curvature = curvature_cls(adapter, dtype, module.weight.device, damping_style=self.damping_style)
+            self.layers[name] = (adapter, curvature)
+            self._captures[name] = _Capture()
+            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        if not self.layers:
+            warnings.warn("kfac_cuda: the model has no supported layer (nn.Linear, nn.Conv2d)", RuntimeWarning)
+
+    def remove(self) -> None:
+        """Remove the module hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def summary(self) -> str:
+        """A table of the preconditioned layers and of those left to the plain optimizer."""
+        lines = [f"kfac_cuda.Preconditioner(method={self.method!r}): {len(self.layers)} layers preconditioned"]
+        for name, (adapter, _) in self.layers.items():
+            lines.append(f"  + {name or '<model>'}: {type(adapter.module).__name__} "
+                         f"{adapter.d_out}x{adapter.d_in}{' +bias' if adapter.has_bias else ''}")
+        for name, reason in self.unsupported:
+            lines.append(f"  - {name or '<model>'}: not preconditioned ({reason})")
+        return "\n".join(lines)
+
+    # --- schedule -----------------------------------------------------------------------------
+    def _due(self) -> Tuple[bool, bool, bool]:
+        """(factors, bases, scales) due at the current step."""
+        s = self.steps
+        bases = s % self.inv_update_steps == 0
+        factors = bases or s % self.factor_update_steps == 0
+        scales = issubclass(CURVATURES[self.method], ScaleMixin) and (bases or s % self.scale_update_steps == 0)
+        return factors, bases, scales
+
+    @property
+    def capturing(self) -> bool:
+        """Whether the hooks capture on the current step."""
+        factors, _, scales = self._due()
+        return factors or scales
+
+    # --- hooks --------------------------------------------------------------------------------
+    def _make_hook(self, name: str):
+        capture = self._captures[name]
+
+        def hook(module: nn.Module, inputs, output) -> None:
+            if not (self.capturing and torch.is_grad_enabled() and isinstance(output, torch.Tensor)
+                    and output.requires_grad):
+                return
+            x = inputs[0].detach()
+            pair = [x, None, None]
+            capture.pairs.append(pair)
+            if self.fisher == "mc":
+                pair[2] = output
+                return
+            scale = LayerAdapter.batch_size(x) if self.loss_reduction == "mean" else 1
+
+            def grad_hook(g: torch.Tensor) -> None:
+                pair[1] = g.detach() * scale
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+    def sample_fisher(self, outputs: torch.Tensor, loss: str = "cross_entropy") -> None:
+        """MC ("true") Fisher: sample targets from the model's predictive distribution and
+        capture the output gradients of their summed loss (one extra backward through the
+        layer outputs; parameter ``.grad`` untouched). Call after the forward pass and before
+        ``loss.backward()`` on every step (a no-op on steps that do not capture).
+
+        Args:
+            outputs: the model's outputs: logits (..., classes) for ``loss="cross_entropy"``,
+                predictions for ``loss="mse"`` (Gaussian with unit variance, loss 0.5*|y - f|^2).
+        """
+        if self.fisher != "mc":
+            raise RuntimeError("sample_fisher needs Preconditioner(fisher='mc')")
+        pairs = [p for c in self._captures.values() for p in c.pairs if p[2] is not None and p[1] is None]
+        if not pairs:
+            return
+        with torch.no_grad():
+            if loss == "cross_entropy":
+                logits = outputs.reshape(-1, outputs.shape[-1])
+                targets = torch.multinomial(F.softmax(logits.float(), dim=-1), 1).squeeze(-1)
+            elif loss == "mse":
+                targets = outputs + torch.randn_like(outputs)
+            else:
+                raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {loss!r}")
+        if loss == "cross_entropy":
+            sampled = F.cross_entropy(logits, targets, reduction="sum")
+        else:
+            sampled = 0.5 * (outputs - targets).square().sum()
+        grads = torch.autograd.grad(sampled, [p[2] for p in pairs], retain_graph=True, allow_unused=True)
+        for p, g in zip(pairs, grads):
+            p[1] = torch.zeros_like(p[2]) if g is None else g.detach()
+            p[2] = None
+
+    # --- the step ---------------------------------------------------------------------------
+    def _batches(self, names: Sequence[str]) -> Dict[str, LayerBatch]:
+        out = {}
+        for name in names:
+            adapter, curvature = self.layers[name]
+            captured = self._captures[name].pairs
+            pairs = [p for p in captured if p[1] is not None]
+            if captured and not pairs and self.fisher == "mc":
+                raise RuntimeError(f"kfac_cuda: layer {name!r} has no sampled output gradients: with "
+                                   "fisher='mc' call sample_fisher(outputs) before loss.backward()")
+            if not pairs:  # the layer did not take part in this step's forward/backward
+                continue
+            x = torch.cat([p[0] for p in pairs]) if len(pairs) > 1 else pairs[0][0]
+            g = torch.cat([p[1] for p in pairs]) if len(pairs) > 1 else pairs[0][1]
+            out[name] = LayerBatch(adapter, x, g, sharing=self.weight_sharing, backend=self.backend,
+                                   dtype=curvature.buffers["A"].dtype)
+        return out
+
+    def _lr_of(self, param: nn.Parameter, lr: LrArg) -> float:
+        lr = self.lr if lr is None else lr
+        if lr is None:
+            raise ValueError("kl_clip needs a learning rate: pass lr= to the Preconditioner or to step()")
+        return float(lr(param)) if callable(lr) else float(lr)
+
+    def _dampings(self, names: Sequence[str]) -> Dict[str, float]:
+        """Per-layer damping: fixed, or TKFAC/TEKFAC's adaptive conv damping."""
+        if not (self.adaptive_damping and self.method in ("tkfac", "tekfac")):
+            return {n: self.damping for n in names}
+        conv = {n: max(self.layers[n][1].natural_damping(), self.damping)
+                for n in names if isinstance(self.layers[n][0], Conv2dAdapter)}
+        dense = max(conv.values(), default=self.damping)
+        return {n: conv.get(n, dense) for n in names}
+
+    def _refresh_bases(self, names: Sequence[str]) -> None:
+        mats, labels, costs = [], [], []
+        for n in names:
+            for side, m in zip(("input", "output"), self.layers[n][1].basis_sources()):
+                mats.append(m)
+                labels.append(f"{n or '<model>'} {side} factor")
+                costs.append(float(m.shape[0]) ** 3)
+        eigs = self.comm.eigh_many(mats, labels, costs)
+        for i, n in enumerate(names):
+            curvature = self.layers[n][1]
+            inp, out = eigs[2 * i], eigs[2 * i + 1]
+            if inp is None or out is None:
+                curvature.eigh_failures += 1
+                if curvature.eigh_failures >= MAX_EIGH_FAILURES:
+                    raise RuntimeError(f"kfac_cuda: eigendecomposition of layer {n!r} failed "
+                                       f"{curvature.eigh_failures} times in a row")
+                warnings.warn(f"kfac_cuda: eigendecomposition of layer {n!r} failed; keeping its previous basis",
+                              RuntimeWarning)
+                continue
+            curvature.eigh_failures = 0
+            curvature.set_bases(inp, out)
+
+    @torch.no_grad()
+    def step(self, lr: LrArg = None) -> bool:
+        """Update the curvature as scheduled and replace each layer's ``.grad`` by its
+        preconditioned gradient. Returns False (and changes nothing) when a gradient or a
+        captured activation is not finite."""
+        names = [n for n, (a, _) in self.layers.items() if a.module.weight.grad is not None]
+        self.comm.average_gradients([p for n in names for p in self.layers[n][0].parameters if p.grad is not None])
+        factors_due, bases_due, scales_due = self._due()
+        try:
+            batches = self._batches(names) if (factors_due or scales_due) else {}
+            grads = {n: self.layers[n][0].grad_matrix() for n in names}
+            finite = all(bool(torch.isfinite(t).all()) for t in grads.values())
+            finite = finite and all(bool(torch.isfinite(b.x).all() and torch.isfinite(b.g).all())
+                                    for b in batches.values())
+            if not self.comm.all_true(finite):
+                warnings.warn(f"kfac_cuda: non-finite gradient or activation at step {self.steps}; "
+                              "step skipped, curvature left untouched", RuntimeWarning)
+                return False
+            self._update_curvature(names, batches, factors_due, bases_due, scales_due)
+            self._apply(names, grads, lr)
+            self.steps += 1
+            return True
+        finally:
+            for c in self._captures.values():
+                c.clear()
+
+    def _update_curvature(self, names, batches, factors_due, bases_due, scales_due) -> None:
+        curvatures = [self.layers[n][1] for n in names]
+        if factors_due:
+            for n, c in zip(names, curvatures):
+                if n in batches:
+                    c.update_factors(batches[n], self.factor_decay)
+            self.comm.average_([t for c in curvatures for t in c.synced_factors()])
+        if bases_due or any(not c.has_basis for c in curvatures):
+            self._refresh_bases([n for n, c in zip(names, curvatures)
+                                 if c.factors_initialized and (bases_due or not c.has_basis)])
+        if scales_due:
+            for n, c in zip(names, curvatures):
+                if c.has_basis and n in batches:
+                    c.update_scales(batches[n], self.scale_decay, fresh=bases_due)
+            self.comm.average_([t for c in curvatures if c.has_basis for t in c.synced_scales()])
+
+    def _apply(self, names, grads, lr: LrArg) -> None:
+        ready = [n for n in names if self.layers[n][1].has_basis]
+        damping = self._dampings(ready)
+        jobs = [(lambda n=n: self.layers[n][1].precondition(grads[n], damping[n], self.backend)) for n in ready]
+        results = self.comm.precondition_all(jobs, [float(grads[n].numel()) for n in ready])
+        nu = 1.0
+        if self.kl_clip is not None and ready:
+            vg = sum(self._lr_of(self.layers[n][0].module.weight, lr) ** 2 * dot.item()
+                     for n, (_, dot) in zip(ready, results))
+            if vg > 0:
+                nu = min(1.0, math.sqrt(self.kl_clip / vg))
+        for n, (U, _) in zip(ready, results):
+            self.layers[n][0].set_grad_matrix(U.mul_(nu) if nu != 1.0 else U)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly: factors, bases, scales and counters."""
+        return {"method": self.method, "steps": self.steps,
+                "layers": {n: c.state_dict() for n, (_, c) in self.layers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["method"] != self.method:
+            raise ValueError(f"checkpoint is for method {state['method']!r}, not {self.method!r}")
+        missing = set(self.layers) ^ set(state["layers"])
+        if missing:
+            raise KeyError(f"checkpoint layers differ from the model's: {sorted(missing)}")
+        for n, s in state["layers"].items():
+            self.layers[n][1].load_state_dict(s)
+        self.steps = int(state["steps"])
