@@ -13,7 +13,10 @@ from typing import Optional
 
 import torch
 
+from .._extension import extension
 from ._dispatch import select
+
+_KERNEL_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def accumulate_factor_reference(
@@ -31,6 +34,36 @@ def accumulate_factor_reference(
         rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
     weighted = rows if weights is None else rows * weights.to(A.dtype).unsqueeze(1)
     return A.addmm_(weighted.t(), rows, beta=beta, alpha=alpha)
+
+
+def accumulate_factor_cuda(
+    A: torch.Tensor,
+    a: torch.Tensor,
+    *,
+    bias: bool,
+    weights: Optional[torch.Tensor] = None,
+    beta: float = 0.0,
+    alpha: float = 1.0,
+) -> torch.Tensor:
+    """CUDA kernel ``kfac_cuda._C.factor_accumulate`` on the current stream of A's device.
+
+    Same contract as the reference; A float32, a float32/bfloat16/float16, weights float32,
+    all C-contiguous on one device (the extension raises ValueError/TypeError otherwise).
+    """
+    stream = torch.cuda.current_stream(A.device).cuda_stream
+    extension().factor_accumulate(A, a, weights, bool(bias), float(beta), float(alpha), stream)
+    return A
+
+
+def _cuda_supports(A: torch.Tensor, a: torch.Tensor, weights: Optional[torch.Tensor]) -> bool:
+    """True when the kernel accepts these arguments (otherwise "auto" uses the reference)."""
+    tensors = (A, a) if weights is None else (A, a, weights)
+    return (
+        A.dtype == torch.float32
+        and a.dtype in _KERNEL_INPUT_DTYPES
+        and (weights is None or weights.dtype == torch.float32)
+        and all(t.is_cuda and t.device == A.device and t.is_contiguous() for t in tensors)
+    )
 
 
 def accumulate_factor(
@@ -53,5 +86,8 @@ def accumulate_factor(
         beta, alpha: EMA weights.
         backend: "auto" | "torch" | "cuda".
     """
-    impl = select("accumulate_factor", backend, A, accumulate_factor_reference, None)
+    impl = select(
+        "accumulate_factor", backend, A, accumulate_factor_reference, accumulate_factor_cuda,
+        lambda: _cuda_supports(A, a, weights),
+    )
     return impl(A, a, bias=bias, weights=weights, beta=beta, alpha=alpha)
