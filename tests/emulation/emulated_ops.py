@@ -1,0 +1,83 @@
+"""ctypes front end to the CPU emulation of the kernels (tests only): same arguments as the
+raw launchers, CPU torch tensors in and out. See build.py."""
+from __future__ import annotations
+
+import ctypes
+from typing import Optional, Sequence
+
+import torch
+
+from build import build
+
+_lib = None
+_c_float_p = ctypes.c_void_p
+
+
+def lib() -> ctypes.CDLL:
+    global _lib
+    if _lib is None:
+        _lib = build()
+        _lib.emu_precondition_workspace.restype = ctypes.c_longlong
+        _lib.emu_scale_workspace.restype = ctypes.c_longlong
+        _lib.emu_conv_workspace.restype = ctypes.c_longlong
+        _lib.emu_precondition.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + [
+            ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int]
+        _lib.emu_scale.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [ctypes.c_float] * 2
+        _lib.emu_conv.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 4 + [
+            ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float]
+    return _lib
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    if t is None:
+        return None
+    assert t.is_contiguous() and t.device.type == "cpu"
+    return t.data_ptr()
+
+
+def poisoned(*shape, dtype=torch.float32) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def precondition(grad, QG, QA, damping, scale=None, eig_g=None, eig_a=None):
+    grad, QG, QA = grad.contiguous(), QG.contiguous(), QA.contiguous()
+    scale, eig_g, eig_a = (None if t is None else t.contiguous() for t in (scale, eig_g, eig_a))
+    d_out, d_in = grad.shape
+    out = poisoned(d_out, d_in)
+    dot = poisoned(1)
+    ws = poisoned(lib().emu_precondition_workspace(d_out, d_in))
+    rc = lib().emu_precondition(_ptr(grad), int(grad.dtype == torch.bfloat16), _ptr(QG), _ptr(QA), _ptr(scale),
+                                _ptr(eig_g), _ptr(eig_a), float(damping), _ptr(out), _ptr(dot), _ptr(ws),
+                                d_out, d_in)
+    assert rc == 0
+    return out, dot[0]
+
+
+def scale_accumulate(S, gt, at, splits=1, beta=0.0, alpha=1.0):
+    """gt: (n, d_out) or (n, T, d_out) projected gradients; at likewise. Updates S in place."""
+    gt, at = gt.contiguous(), at.contiguous()
+    d_out, d_in = S.shape
+    n = gt.shape[0]
+    positions = gt.shape[1] if gt.dim() == 3 else 0
+    need = lib().emu_scale_workspace(d_out, d_in, splits)
+    ws = poisoned(need) if need else None
+    rc = lib().emu_scale(_ptr(gt), _ptr(at), _ptr(S), _ptr(ws), n, positions, d_out, d_in, splits, beta, alpha)
+    assert rc == 0
+    return S
+
+
+_X_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def conv_factor(A, x, kernel_size: Sequence[int], stride, padding, dilation, bias, weights=None, splits=1,
+                beta=0.0, alpha=1.0):
+    x = x.contiguous()
+    weights = None if weights is None else weights.contiguous()
+    n, C, H, W = x.shape
+    geometry = (ctypes.c_int * 12)(n, C, H, W, *kernel_size, *stride, *padding, *dilation)
+    need = lib().emu_conv_workspace(A.shape[0], splits)
+    ws = poisoned(need) if need else None
+    rc = lib().emu_conv(_ptr(x), _X_TYPES[x.dtype], _ptr(weights), _ptr(A), _ptr(ws), geometry, int(bias), splits,
+                        beta, alpha)
+    assert rc == 0
+    return A

@@ -1,0 +1,75 @@
+// extern "C" entry points over the raw launchers, for ctypes (CPU emulation tests only).
+#include "conv_factor_accumulate.h"
+#include "precondition.h"
+#include "scale_accumulate.h"
+
+extern "C" {
+
+int emu_launches() { return emu::launches; }
+
+long long emu_precondition_workspace(int d_out, int d_in) { return kfac::precondition_workspace_floats(d_out, d_in); }
+
+int emu_precondition(const void* grad, int grad_is_bf16, const float* qg, const float* qa, const float* scale,
+                     const float* eig_g, const float* eig_a, float damping, float* out, float* dot, float* ws,
+                     int d_out, int d_in) {
+    kfac::PreconditionArgs a;
+    a.grad = grad;
+    a.grad_is_bf16 = grad_is_bf16 != 0;
+    a.qg = qg;
+    a.qa = qa;
+    a.scale = scale;
+    a.eig_g = eig_g;
+    a.eig_a = eig_a;
+    a.damping = damping;
+    a.out = out;
+    a.dot = dot;
+    a.workspace = ws;
+    a.d_out = d_out;
+    a.d_in = d_in;
+    return kfac::precondition_launch(a, nullptr);
+}
+
+long long emu_scale_workspace(int d_out, int d_in, int splits) {
+    return kfac::scale_accumulate_workspace_floats(d_out, d_in, splits);
+}
+
+int emu_scale(const float* gt, const float* at, float* S, float* ws, int n, int positions, int d_out, int d_in,
+              int splits, float beta, float alpha) {
+    kfac::ScaleArgs a;
+    a.gt = gt;
+    a.at = at;
+    a.scale = S;
+    a.workspace = ws;
+    a.n = n;
+    a.positions = positions;
+    a.d_out = d_out;
+    a.d_in = d_in;
+    a.splits = splits;
+    a.beta = beta;
+    a.alpha = alpha;
+    return kfac::scale_accumulate_launch(a, nullptr);
+}
+
+long long emu_conv_workspace(int d, int splits) { return kfac::conv_factor_workspace_floats(d, splits); }
+
+// geometry: n, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw (12 ints)
+int emu_conv(const void* x, int x_type, const float* w, float* A, float* ws, const int* geometry, int bias,
+             int splits, float beta, float alpha) {
+    const int* g = geometry;
+    kfac::ConvFactorArgs a;
+    a.x = x;
+    a.x_type = static_cast<kfac::ConvInputType>(x_type);
+    a.weights = w;
+    a.factor = A;
+    a.workspace = ws;
+    a.geom = kfac::ConvGeometry{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11],
+                                kfac::conv_output_size(g[2], g[4], g[6], g[8], g[10]),
+                                kfac::conv_output_size(g[3], g[5], g[7], g[9], g[11])};
+    a.bias = bias != 0;
+    a.splits = splits;
+    a.beta = beta;
+    a.alpha = alpha;
+    return kfac::conv_factor_launch(a, nullptr);
+}
+
+}  // extern "C"
