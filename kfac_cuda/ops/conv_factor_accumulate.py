@@ -14,8 +14,13 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .._extension import extension
 from ._dispatch import select
+from ._launch import choose_splits, stream_handle
 from .factor_accumulate import accumulate_factor_reference
+
+_KERNEL_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MIN_ROWS_PER_SPLIT = 256
 
 
 def conv_patches(
@@ -50,6 +55,59 @@ def accumulate_conv_factor_reference(
     return accumulate_factor_reference(A, rows, bias=bias, weights=w, beta=beta, alpha=alpha)
 
 
+def _pair(v) -> Tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def accumulate_conv_factor_cuda(
+    A: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    kernel_size: Tuple[int, int],
+    stride: Tuple[int, int],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+    bias: bool,
+    weights: Optional[torch.Tensor] = None,
+    beta: float = 0.0,
+    alpha: float = 1.0,
+) -> torch.Tensor:
+    """CUDA kernel ``kfac_cuda._C.conv_factor_accumulate`` on the current stream of A's device.
+
+    Same contract as the reference, without its im2col buffer: patches are gathered from x
+    on the fly. A must be float32 and C-contiguous (updated in place, exactly symmetric);
+    x float32/bfloat16/float16 (a channels-last x is copied to NCHW first); weights are
+    cast to float32. The only allocation is a split-K workspace when the factor alone has
+    too few 64 x 64 tiles to fill the GPU (at most 256 MiB).
+    """
+    ext = extension()
+    kernel_size, stride, padding, dilation = (_pair(v) for v in (kernel_size, stride, padding, dilation))
+    x = x.contiguous()
+    if weights is not None:
+        weights = weights.to(torch.float32).contiguous()
+    d = A.shape[0]
+    n, _, H, W = x.shape
+    out_h = (H + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
+    out_w = (W + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
+    rows = n * max(0, out_h) * max(0, out_w)
+    splits = choose_splits(A.device, ext.conv_factor_tiles(d), rows, _MIN_ROWS_PER_SPLIT, d * d)
+    size = ext.conv_factor_workspace_size(d, splits)
+    workspace = torch.empty(size, dtype=torch.float32, device=A.device) if size else None
+    ext.conv_factor_accumulate(A, x, weights, kernel_size, stride, padding, dilation, bool(bias), workspace,
+                               splits, float(beta), float(alpha), stream_handle(A.device))
+    return A
+
+
+def _cuda_supports(A, x, weights) -> bool:
+    """True when the kernel takes these arguments (otherwise "auto" uses the reference)."""
+    return (
+        A.dtype == torch.float32 and A.dim() == 2 and A.is_contiguous()
+        and x.dim() == 4 and x.dtype in _KERNEL_INPUT_DTYPES
+        and x.numel() < 2**31
+        and all(t.device == A.device for t in ([x] if weights is None else [x, weights]))
+    )
+
+
 def accumulate_conv_factor(
     A: torch.Tensor,
     x: torch.Tensor,
@@ -72,6 +130,7 @@ def accumulate_conv_factor(
         kernel_size, stride, padding, dilation: the Conv2d's geometry (pairs).
         weights: optional (n, positions) per-row weights.
     """
-    impl = select("accumulate_conv_factor", backend, A, accumulate_conv_factor_reference, None)
+    impl = select("accumulate_conv_factor", backend, A, accumulate_conv_factor_reference,
+                  accumulate_conv_factor_cuda, lambda: _cuda_supports(A, x, weights))
     return impl(A, x, kernel_size=kernel_size, stride=stride, padding=padding,
                 dilation=dilation, bias=bias, weights=weights, beta=beta, alpha=alpha)

@@ -13,7 +13,11 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._extension import extension
 from ._dispatch import select
+from ._launch import stream_handle
+
+_MAX_KERNEL_DIM = 1 << 22
 
 
 def precondition_reference(
@@ -30,6 +34,48 @@ def precondition_reference(
     S = scale if scale is not None else torch.outer(eig_g, eig_a)
     U = QG @ ((QG.t() @ V @ QA) / (S + damping)) @ QA.t()
     return U, (U * V).sum()
+
+
+def precondition_cuda(
+    grad: torch.Tensor,
+    QG: torch.Tensor,
+    QA: torch.Tensor,
+    *,
+    damping: float,
+    scale: Optional[torch.Tensor] = None,
+    eig_g: Optional[torch.Tensor] = None,
+    eig_a: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """CUDA kernel ``kfac_cuda._C.precondition`` on the current stream of QG's device.
+
+    Same contract as the reference. U and the 0-d dot are float32; the dot is reduced
+    deterministically (no atomics). Allocates U, the dot and a d_out*d_in float32 workspace
+    with torch (so it is CUDA-graph capturable); non-contiguous inputs (e.g. eigenvectors
+    straight from a batched ``torch.linalg.eigh``, which are column-major) are copied to
+    contiguous ones first, so store the bases contiguous to avoid that copy per step.
+    """
+    d_out, d_in = grad.shape
+    grad, QG, QA = grad.contiguous(), QG.contiguous(), QA.contiguous()
+    scale, eig_g, eig_a = (None if t is None else t.contiguous() for t in (scale, eig_g, eig_a))
+    ext = extension()
+    out = torch.empty((d_out, d_in), dtype=torch.float32, device=QG.device)
+    dot = torch.empty((), dtype=torch.float32, device=QG.device)
+    workspace = torch.empty(ext.precondition_workspace_size(d_out, d_in), dtype=torch.float32, device=QG.device)
+    ext.precondition(grad, QG, QA, scale, eig_g, eig_a, float(damping), out, dot, workspace,
+                     stream_handle(QG.device))
+    return out, dot
+
+
+def _cuda_supports(grad, QG, QA, scale, eig_g, eig_a) -> bool:
+    """True when the kernel takes these arguments (otherwise "auto" uses the reference)."""
+    others = [t for t in (QA, scale, eig_g, eig_a) if t is not None]
+    return (
+        grad.dim() == 2
+        and grad.dtype in (torch.float32, torch.bfloat16)
+        and 1 <= min(grad.shape) and max(grad.shape) < _MAX_KERNEL_DIM
+        and all(t.dtype == torch.float32 for t in [QG, *others])
+        and all(t.device == QG.device for t in [grad, *others])
+    )
 
 
 def precondition(
@@ -50,5 +96,6 @@ def precondition(
     """
     if (scale is None) == (eig_g is None or eig_a is None):
         raise ValueError("precondition: pass either scale, or both eig_g and eig_a")
-    impl = select("precondition", backend, QG, precondition_reference, None)
+    impl = select("precondition", backend, QG, precondition_reference, precondition_cuda,
+                  lambda: _cuda_supports(grad, QG, QA, scale, eig_g, eig_a))
     return impl(grad, QG, QA, damping=damping, scale=scale, eig_g=eig_g, eig_a=eig_a)

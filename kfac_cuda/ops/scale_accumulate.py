@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import torch
 
+from .._extension import extension
 from ._dispatch import select
+from ._launch import choose_splits, stream_handle
 
 _CHUNK_ELEMENTS = 1 << 24  # per-example gradients materialised at once by the reference
+_KERNEL_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_KERNEL_DIM = 1 << 22
+_MIN_ROWS_PER_SPLIT = 128
 
 
 def accumulate_scale_reference(
@@ -47,6 +52,66 @@ def accumulate_scale_reference(
     return S.mul_(beta).add_(batch, alpha=alpha)
 
 
+def _project(x: torch.Tensor, Q: torch.Tensor, bias: bool) -> torch.Tensor:
+    """x Q (or [x | 1] Q = x Q[:-1] + Q[-1] with bias, without materialising [x | 1]) as a
+    C-contiguous float32 matrix over the flattened leading dimensions."""
+    rows = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    if bias:
+        return torch.addmm(Q[-1], rows, Q[:-1])
+    return rows @ Q
+
+
+def accumulate_scale_cuda(
+    S: torch.Tensor,
+    g: torch.Tensor,
+    a: torch.Tensor,
+    QG: torch.Tensor,
+    QA: torch.Tensor,
+    *,
+    bias: bool,
+    beta: float = 0.0,
+    alpha: float = 1.0,
+) -> torch.Tensor:
+    """CUDA kernels ``kfac_cuda._C.scale_accumulate[_shared]`` on the current stream of S's device.
+
+    Same contract as the reference. The projections G~ = g QG and A~ = abar QA run as torch
+    (cuBLAS) GEMMs in float32; the kernel then squares on load (no weight sharing) or forms
+    each example's G~_i^T A~_i tile in registers and accumulates its square (weight sharing),
+    never materialising per-example gradients. S must be float32 and C-contiguous (updated
+    in place); g and a may be float32, bfloat16 or float16.
+    """
+    ext = extension()
+    d_out, d_in = S.shape
+    gt = _project(g, QG, False)
+    at = _project(a, QA, bias)
+    n = g.shape[0]
+    tiles = ext.scale_accumulate_tiles(d_out, d_in)
+    if g.dim() == 2:
+        splits = choose_splits(S.device, tiles, n, _MIN_ROWS_PER_SPLIT, d_out * d_in)
+    else:
+        T = g.shape[1]
+        gt, at = gt.view(n, T, d_out), at.view(n, T, d_in)
+        splits = choose_splits(S.device, tiles, n, max(1, _MIN_ROWS_PER_SPLIT // max(1, T)), d_out * d_in)
+    size = ext.scale_accumulate_workspace_size(d_out, d_in, splits)
+    workspace = torch.empty(size, dtype=torch.float32, device=S.device) if size else None
+    launch = ext.scale_accumulate if g.dim() == 2 else ext.scale_accumulate_shared
+    launch(S, gt, at, workspace, splits, float(beta), float(alpha), stream_handle(S.device))
+    return S
+
+
+def _cuda_supports(S, g, a, QG, QA) -> bool:
+    """True when the kernels take these arguments (otherwise "auto" uses the reference)."""
+    return (
+        S.dtype == QG.dtype == QA.dtype == torch.float32
+        and S.dim() == 2 and S.is_contiguous()
+        and 1 <= min(S.shape) and max(S.shape) < _MAX_KERNEL_DIM
+        and g.dtype in _KERNEL_INPUT_DTYPES and a.dtype in _KERNEL_INPUT_DTYPES
+        and g.dim() in (2, 3)
+        and g[..., 0].numel() < 2**31
+        and all(t.device == S.device for t in (g, a, QG, QA))
+    )
+
+
 def accumulate_scale(
     S: torch.Tensor,
     g: torch.Tensor,
@@ -69,5 +134,6 @@ def accumulate_scale(
     """
     if g.dim() != a.dim() or g.shape[:-1] != a.shape[:-1]:
         raise ValueError(f"accumulate_scale: g {tuple(g.shape)} and a {tuple(a.shape)} rows differ")
-    impl = select("accumulate_scale", backend, S, accumulate_scale_reference, None)
+    impl = select("accumulate_scale", backend, S, accumulate_scale_reference, accumulate_scale_cuda,
+                  lambda: _cuda_supports(S, g, a, QG, QA))
     return impl(S, g, a, QG, QA, bias=bias, beta=beta, alpha=alpha)

@@ -1,0 +1,31 @@
+"""Launch helpers shared by the CUDA wrappers of the ops (stream handle, split-K choice)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# Cap on the split-K workspace (float32 elements): 2^26 floats = 256 MiB.
+MAX_SPLIT_WORKSPACE = 1 << 26
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def stream_handle(device: torch.device) -> int:
+    """The caller's current stream on ``device`` as the int handle the extension takes."""
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def choose_splits(device: torch.device, tiles: int, reduce_len: int, min_per_split: int, split_floats: int) -> int:
+    """How many parts to cut the reduction dimension into so that ``tiles`` thread blocks per
+    part fill about two waves of the device's SMs, with at least ``min_per_split`` of the
+    reduction per part and at most MAX_SPLIT_WORKSPACE floats of partial results
+    (``split_floats`` per part). 1 means no split (and no workspace)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    want = -(-2 * _sm_count(index) // max(1, tiles))
+    by_length = max(1, reduce_len // max(1, min_per_split))
+    by_memory = max(1, MAX_SPLIT_WORKSPACE // max(1, split_floats))
+    return int(max(1, min(want, by_length, by_memory, 256)))
