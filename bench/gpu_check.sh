@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# GPU verification (H100/H200, Python 3.12, torch 2.11+cu130, no network):
+#   bash bench/gpu_check.sh OUTDIR
+# Builds the extension in place for sm_90, runs every test (GPU tests included) and the kernel
+# table. Every stage runs even if an earlier one failed; logs and JSON go to OUTDIR; the exit
+# status is non-zero if any stage failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
+mkdir -p "$OUT"
+status=0
+
+stage() {  # stage NAME COMMAND...: run, tee to OUT/NAME.log, remember a failure
+  local name=$1; shift
+  echo "=== $name: $*" | tee "$OUT/$name.log"
+  "$@" 2>&1 | tee -a "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name exit $rc" | tee -a "$OUT/$name.log"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+{ nvidia-smi; python -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; \
+  git rev-parse HEAD; } > "$OUT/env.log" 2>&1
+stage build env KFAC_CUDA_ARCH_LIST=90 KFAC_CUDA_FORCE_BUILD=1 \
+  python -m pip install --no-build-isolation --no-deps -v -e .
+stage tests env KFAC_CUDA_REQUIRE_EXTENSION=1 python -m pytest -q -rs tests
+stage kernel_table python bench/kernel_table.py "$OUT/kernel_table.json"
+echo "gpu_check: $([ $status -eq 0 ] && echo OK || echo FAILED) (logs in $OUT)"
+exit $status
