@@ -43,7 +43,11 @@ class LayerBatch:
 
     @property
     def _conv_kernel_path(self) -> bool:
-        return isinstance(self.adapter, Conv2dAdapter) and self.sharing == "expand" and self.x.dim() == 4
+        """Expanded Conv2d rows straight from the input on CUDA (the kernel needs no im2col
+        buffer); elsewhere the reference would unfold anyway, so the patches are built once
+        and shared with the scale update."""
+        return (isinstance(self.adapter, Conv2dAdapter) and self.sharing == "expand" and self.x.dim() == 4
+                and self.x.is_cuda)
 
     # --- rows as seen by the factors -------------------------------------------------
     def a_rows(self) -> torch.Tensor:

@@ -3,23 +3,37 @@ answer; the distributed implementation (kfac_cuda.distributed) answers the same 
 across ranks."""
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.nn as nn
 
 from .eigh import Eig, eigh_many
+
+
+class OutputSpec(NamedTuple):
+    """Shape, dtype and device of one layer's preconditioned gradient U (what a rank that
+    does not compute U must allocate to receive it)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
 
 
 class LocalComm:
     """Single process: nothing to communicate."""
 
+    def attach(self, model: nn.Module) -> None:
+        """Called once by the Preconditioner with the model it was given (possibly wrapped
+        in DistributedDataParallel)."""
+
     def all_true(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank."""
         return flag
 
-    def average_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """Make every rank's ``.grad`` the average over ranks (no-op when a wrapper such
-        as DDP already did)."""
+    def average_gradients(self) -> None:
+        """Make every rank's ``.grad`` of the attached model's parameters the average over
+        ranks (no-op when a wrapper such as DDP already did)."""
 
     def average_(self, tensors: Sequence[torch.Tensor]) -> None:
         """Replace each tensor in place by its average over ranks."""
@@ -29,6 +43,8 @@ class LocalComm:
         return eigh_many(mats, labels)
 
     def precondition_all(self, jobs: Sequence[Callable[[], Tuple[torch.Tensor, torch.Tensor]]],
-                         costs: Sequence[float]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """Run every layer's preconditioning job, returning (U, <U, V>) per job on every rank."""
+                         costs: Sequence[float], specs: Sequence[OutputSpec]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Run every layer's preconditioning job, returning (U, <U, V>) per job on every rank
+        (the distributed version runs each job on some ranks and sends U, shaped as in
+        ``specs``, to the others)."""
         return [job() for job in jobs]

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .batch import SHARING, LayerBatch
-from .comm import LocalComm
+from .comm import LocalComm, OutputSpec
 from .curvature import CURVATURES, KFACCurvature, ScaleMixin
 from .layers import Conv2dAdapter, LayerAdapter, adapter_for
 from .ops._dispatch import check_backend
@@ -73,6 +73,8 @@ class Preconditioner:
         backend: "auto" | "torch" | "cuda" for the hot ops.
         skip_modules: module names, types or instances left alone.
         max_factor_dim: layers whose factor side exceeds this are skipped (listed).
+        comm: what the step asks of the process group: ``LocalComm()`` (single process, the
+            default) or ``kfac_cuda.DistributedComm(...)`` (see kfac_cuda.distributed).
     """
 
     def __init__(
@@ -127,6 +129,9 @@ class Preconditioner:
         self.lr = lr
         self.adaptive_damping = adaptive_damping
         self.comm = comm or LocalComm()
+        self.comm.attach(model)
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module  # layer names (and checkpoints) independent of the wrapper
         self.steps = 0
 
         self.layers: Dict[str, Tuple[LayerAdapter, KFACCurvature]] = {}
@@ -314,7 +319,7 @@ class Preconditioner:
         preconditioned gradient. Returns False (and changes nothing) when a gradient or a
         captured activation is not finite."""
         names = [n for n, (a, _) in self.layers.items() if a.module.weight.grad is not None]
-        self.comm.average_gradients([p for n in names for p in self.layers[n][0].parameters if p.grad is not None])
+        self.comm.average_gradients()
         factors_due, bases_due, scales_due = self._due()
         try:
             batches = self._batches(names) if (factors_due or scales_due) else {}
@@ -354,7 +359,9 @@ class Preconditioner:
         ready = [n for n in names if self.layers[n][1].has_basis]
         damping = self._dampings(ready)
         jobs = [(lambda n=n: self.layers[n][1].precondition(grads[n], damping[n], self.backend)) for n in ready]
-        results = self.comm.precondition_all(jobs, [float(grads[n].numel()) for n in ready])
+        costs = [float(grads[n].numel() * sum(grads[n].shape)) for n in ready]  # GEMM multiply-adds / 2
+        specs = [OutputSpec(grads[n].shape, self.layers[n][1].buffers["QA"].dtype, grads[n].device) for n in ready]
+        results = self.comm.precondition_all(jobs, costs, specs)
         nu = 1.0
         if self.kl_clip is not None and ready:
             vg = sum(self._lr_of(self.layers[n][0].module.weight, lr) ** 2 * dot.item()
