@@ -15,7 +15,6 @@ Hooks capture inputs and output gradients only on steps that update factors or s
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -241,18 +240,16 @@ class Preconditioner:
         pairs = [p for c in self._captures.values() for p in c.pairs if p[2] is not None and p[1] is None]
         if not pairs:
             return
-        with torch.no_grad():
-            if loss == "cross_entropy":
-                logits = outputs.reshape(-1, outputs.shape[-1])
-                targets = torch.multinomial(F.softmax(logits.float(), dim=-1), 1).squeeze(-1)
-            elif loss == "mse":
-                targets = outputs + torch.randn_like(outputs)
-            else:
-                raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {loss!r}")
         if loss == "cross_entropy":
+            logits = outputs.reshape(-1, outputs.shape[-1])
+            with torch.no_grad():
+                targets = torch.multinomial(F.softmax(logits.float(), dim=-1), 1).squeeze(-1)
             sampled = F.cross_entropy(logits, targets, reduction="sum")
-        else:
+        elif loss == "mse":
+            targets = outputs.detach() + torch.randn_like(outputs)
             sampled = 0.5 * (outputs - targets).square().sum()
+        else:
+            raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {loss!r}")
         grads = torch.autograd.grad(sampled, [p[2] for p in pairs], retain_graph=True, allow_unused=True)
         for p, g in zip(pairs, grads):
             p[1] = torch.zeros_like(p[2]) if g is None else g.detach()
@@ -362,14 +359,16 @@ class Preconditioner:
         costs = [float(grads[n].numel() * sum(grads[n].shape)) for n in ready]  # GEMM multiply-adds / 2
         specs = [OutputSpec(grads[n].shape, self.layers[n][1].buffers["QA"].dtype, grads[n].device) for n in ready]
         results = self.comm.precondition_all(jobs, costs, specs)
-        nu = 1.0
         if self.kl_clip is not None and ready:
-            vg = sum(self._lr_of(self.layers[n][0].module.weight, lr) ** 2 * dot.item()
+            # nu stays on the device (no host sync): nu = 1 where sum lr^2 <U, V> <= 0
+            vg = sum(self._lr_of(self.layers[n][0].module.weight, lr) ** 2 * dot
                      for n, (_, dot) in zip(ready, results))
-            if vg > 0:
-                nu = min(1.0, math.sqrt(self.kl_clip / vg))
+            nu = torch.where(vg > 0, (self.kl_clip / vg.clamp_min(torch.finfo(vg.dtype).tiny)).sqrt().clamp(max=1.0),
+                             torch.ones_like(vg))
+            for _, (U, _) in zip(ready, results):
+                U.mul_(nu)
         for n, (U, _) in zip(ready, results):
-            self.layers[n][0].set_grad_matrix(U.mul_(nu) if nu != 1.0 else U)
+            self.layers[n][0].set_grad_matrix(U)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
