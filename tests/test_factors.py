@@ -109,3 +109,22 @@ def test_factor_ema():
     a1, a2 = with_ones(xs[0]), with_ones(xs[1])
     expected = 0.7 * (a1.t() @ a1 / 5) + 0.3 * (a2.t() @ a2 / 5)
     torch.testing.assert_close(pre.layers["0"][1].buffers["A"], expected)
+
+
+@pytest.mark.parametrize("method", ["kfac", "tkfac"])
+def test_conv_input_path_without_patches_matches_patches(method, monkeypatch):
+    """The GPU route for expanded Conv2d rows (factor straight from the input, |abar|^2 as a
+    convolution of x^2) gives the factors of the patch route."""
+    from kfac_cuda.batch import LayerBatch
+
+    def factors(direct):
+        monkeypatch.setattr(LayerBatch, "_conv_kernel_path", property(lambda self: direct))
+        torch.manual_seed(11)
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=2))
+        x = torch.randn(4, 2, 9, 7)
+        return {k: v.clone() for k, v in run_one_step(model, x, torch.randn_like(model(x)), method=method).items()
+                if k in ("A", "G", "delta")}
+
+    patched, direct = factors(False), factors(True)
+    for k in patched:
+        torch.testing.assert_close(direct[k], patched[k])
