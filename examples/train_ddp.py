@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -87,8 +88,10 @@ def main() -> None:
         global_loss = loss.detach().clone()
         dist.all_reduce(global_loss)
         checksum = sum(p.detach().double().sum() for p in model.parameters())
-        print(f"rank {rank} step {step} loss {global_loss.item() / world:.10f} checksum {checksum.item():.17g}",
-              flush=True)
+        # one write per line: the ranks share torchrun's stdout, and print() writes the newline apart
+        sys.stdout.write(f"rank {rank} step {step} loss {global_loss.item() / world:.10f} "
+                         f"checksum {checksum.item():.17g}\n")
+        sys.stdout.flush()
     if rank == 0:
         with torch.no_grad():
             accuracy = (model(x).argmax(1) == y).float().mean().item()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -42,10 +43,12 @@ CKPT_STEP, RESUME_STOP = 3, 6
 
 # --- shared by the test process and the ranks ---------------------------------------------------
 def make_model() -> nn.Module:
-    """Conv (weight sharing), dense layers and an unsupported LayerNorm (plain SGD), float64."""
+    """Conv (weight sharing), dense layers and an unsupported LayerNorm (plain SGD), float64
+    (explicitly: other test modules change the default dtype of the test process)."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 6), nn.Tanh(),
-                         nn.LayerNorm(6), nn.Linear(6, 3)).double()
+    f64 = dict(dtype=torch.float64)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, **f64), nn.Tanh(), nn.Flatten(), nn.Linear(12, 6, **f64), nn.Tanh(),
+                         nn.LayerNorm(6, **f64), nn.Linear(6, 3, **f64))
 
 
 def batch(step: int, rank: int = 0, world: int = 1):
@@ -218,6 +221,6 @@ def test_torchrun_example_ranks_agree():
                            str(ROOT / "examples" / "train_ddp.py"), "--steps", "5", "--device", "cpu"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("rank ")]
-    by_rank = {r: [(l[3], l[5], l[7]) for l in lines if l[1] == r] for r in ("0", "1")}
+    lines = re.findall(r"^rank (\d) step (\d+) loss (\S+) checksum (\S+)$", proc.stdout, re.MULTILINE)
+    by_rank = {r: [line[1:] for line in lines if line[0] == r] for r in ("0", "1")}
     assert len(by_rank["0"]) == 5 and by_rank["0"] == by_rank["1"], proc.stdout
