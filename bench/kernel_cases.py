@@ -45,15 +45,16 @@ class Case:
 
 
 def _orthogonal(d: int, device) -> torch.Tensor:
-    return torch.linalg.qr(torch.randn(d, d, device=device))[0].contiguous()
+    return torch.linalg.qr(torch.randn(d, d, device=device, dtype=torch.float32))[0].contiguous()
 
 
 def _precondition_case(d_out: int, d_in: int, dtype: torch.dtype, stored: bool) -> Setup:
     def setup(device):
-        V = torch.randn(d_out, d_in, device=device).to(dtype)
+        V = torch.randn(d_out, d_in, device=device, dtype=torch.float32).to(dtype)
         QG, QA = _orthogonal(d_out, device), _orthogonal(d_in, device)
-        kw = (dict(scale=torch.rand(d_out, d_in, device=device)) if stored else
-              dict(eig_g=torch.rand(d_out, device=device), eig_a=torch.rand(d_in, device=device)))
+        kw = (dict(scale=torch.rand(d_out, d_in, device=device, dtype=torch.float32)) if stored else
+              dict(eig_g=torch.rand(d_out, device=device, dtype=torch.float32),
+                   eig_a=torch.rand(d_in, device=device, dtype=torch.float32)))
         info = {"flops": 4.0 * d_out * d_in * (d_out + d_in)}
         return (lambda: precondition(V, QG, QA, damping=1e-3, backend="torch", **kw),
                 lambda: precondition(V, QG, QA, damping=1e-3, backend="cuda", **kw), info)
@@ -63,10 +64,10 @@ def _precondition_case(d_out: int, d_in: int, dtype: torch.dtype, stored: bool) 
 def _scale_case(n: int, T: int, d_out: int, d_in: int, dtype: torch.dtype) -> Setup:
     def setup(device):
         lead = (n,) if T == 1 else (n, T)
-        g = torch.randn(*lead, d_out, device=device).to(dtype)
-        a = torch.randn(*lead, d_in, device=device).to(dtype)
+        g = torch.randn(*lead, d_out, device=device, dtype=torch.float32).to(dtype)
+        a = torch.randn(*lead, d_in, device=device, dtype=torch.float32).to(dtype)
         QG, QA = _orthogonal(d_out, device), _orthogonal(d_in + 1, device)
-        S = torch.zeros(d_out, d_in + 1, device=device)
+        S = torch.zeros(d_out, d_in + 1, device=device, dtype=torch.float32)
         rows = n * T
         proj = 2.0 * rows * (d_out * d_out + (d_in + 1) ** 2)
         info = {"flops": proj + 2.0 * rows * d_out * (d_in + 1)}
@@ -77,9 +78,9 @@ def _scale_case(n: int, T: int, d_out: int, d_in: int, dtype: torch.dtype) -> Se
 
 def _conv_case(n: int, C: int, H: int, dtype: torch.dtype) -> Setup:
     def setup(device):
-        x = torch.randn(n, C, H, H, device=device).to(dtype)
+        x = torch.randn(n, C, H, H, device=device, dtype=torch.float32).to(dtype)
         d = C * 9 + 1
-        A = torch.zeros(d, d, device=device)
+        A = torch.zeros(d, d, device=device, dtype=torch.float32)
         geo = dict(kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), bias=True)
         rows = n * H * H
         elem = torch.tensor([], dtype=dtype).element_size()

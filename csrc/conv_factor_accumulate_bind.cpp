@@ -21,7 +21,7 @@ namespace py = pybind11;
 namespace kfac {
 namespace {
 
-constexpr int64_t kMaxFactor = int64_t(1) << 22;  // grid <= 65535 tiles of 64
+constexpr int64_t kMaxFactor = int64_t(65535) * 64;  // grid.y <= 65535 tiles of 64
 constexpr int64_t kMaxRows = (int64_t(1) << 31) - 1;
 
 using Pair = std::array<int64_t, 2>;
@@ -45,7 +45,8 @@ void conv_factor_accumulate(py::object A_obj, py::object x_obj, py::object w_obj
     require_pair(padding, "padding", 0);
     require_pair(dilation, "dilation", 1);
     const int64_t n = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-    require_shape(n < kMaxRows && C < kMaxRows && H < kMaxRows && W < kMaxRows, "x", "too large: " + shape_string(x));
+    require_shape(n < kMaxRows && C < kMaxRows && H < (int64_t(1) << 30) && W < (int64_t(1) << 30), "x",
+                  "too large: " + shape_string(x));
     const int oh = conv_output_size(int(H), int(kernel_size[0]), int(stride[0]), int(padding[0]), int(dilation[0]));
     const int ow = conv_output_size(int(W), int(kernel_size[1]), int(stride[1]), int(padding[1]), int(dilation[1]));
     require_shape(oh >= 1 && ow >= 1, "x",

@@ -18,7 +18,7 @@ namespace py = pybind11;
 namespace kfac {
 namespace {
 
-constexpr int64_t kMaxDim = int64_t(1) << 22;  // grid.y <= 65535 tiles of 64 rows
+constexpr int64_t kMaxDim = int64_t(65535) * 64;  // grid.y <= 65535 tiles of 64 rows
 
 void precondition(py::object grad_obj, py::object qg_obj, py::object qa_obj, py::object scale_obj,
                   py::object eig_g_obj, py::object eig_a_obj, double damping, py::object out_obj,

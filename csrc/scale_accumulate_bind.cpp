@@ -18,7 +18,7 @@ namespace py = pybind11;
 namespace kfac {
 namespace {
 
-constexpr int64_t kMaxDim = int64_t(1) << 22;  // grid.y <= 65535 tiles of 64 rows
+constexpr int64_t kMaxDim = int64_t(65535) * 64;  // grid.y <= 65535 tiles of 64 rows
 constexpr int64_t kMaxRows = (int64_t(1) << 31) - 1;
 
 // Shared part: gt (rows x d_out) / (n, T, d_out), at likewise; S (d_out, d_in).

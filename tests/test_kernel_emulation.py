@@ -24,6 +24,16 @@ from kfac_cuda.ops.precondition import precondition_reference  # noqa: E402
 from kfac_cuda.ops.scale_accumulate import _project, accumulate_scale_reference  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _float32_default_dtype():
+    """Other test modules set float64 as the default dtype at import; these tests build
+    float32 inputs and must not depend on test order."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(old)
+
+
 @pytest.fixture(scope="module")
 def E():
     import emulated_ops

@@ -59,6 +59,15 @@ def _pair(v) -> Tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def _patch_rows(x: torch.Tensor, kernel_size, stride, padding, dilation) -> int:
+    """n * OH * OW: rows of the implicit im2col matrix (0 when the kernel does not fit)."""
+    out = []
+    for i in range(2):
+        span = x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1
+        out.append(0 if span < 0 else span // stride[i] + 1)
+    return x.shape[0] * out[0] * out[1]
+
+
 def accumulate_conv_factor_cuda(
     A: torch.Tensor,
     x: torch.Tensor,
@@ -86,10 +95,7 @@ def accumulate_conv_factor_cuda(
     if weights is not None:
         weights = weights.to(torch.float32).contiguous()
     d = A.shape[0]
-    n, _, H, W = x.shape
-    out_h = (H + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
-    out_w = (W + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
-    rows = n * max(0, out_h) * max(0, out_w)
+    rows = _patch_rows(x, kernel_size, stride, padding, dilation)
     splits = choose_splits(A.device, ext.conv_factor_tiles(d), rows, _MIN_ROWS_PER_SPLIT, d * d)
     size = ext.conv_factor_workspace_size(d, splits)
     workspace = torch.empty(size, dtype=torch.float32, device=A.device) if size else None
@@ -98,12 +104,15 @@ def accumulate_conv_factor_cuda(
     return A
 
 
-def _cuda_supports(A, x, weights) -> bool:
+def _cuda_supports(A, x, weights, geometry) -> bool:
     """True when the kernel takes these arguments (otherwise "auto" uses the reference)."""
+    if any(isinstance(v, str) for v in geometry):  # e.g. padding="same": leave it to the reference
+        return False
     return (
         A.dtype == torch.float32 and A.dim() == 2 and A.is_contiguous()
         and x.dim() == 4 and x.dtype in _KERNEL_INPUT_DTYPES
-        and x.numel() < 2**31
+        and 1 <= A.shape[0] < 65535 * 64  # grid.y <= 65535 tiles of 64
+        and _patch_rows(x, *(_pair(v) for v in geometry)) < 2**31  # row index fits an int
         and all(t.device == A.device for t in ([x] if weights is None else [x, weights]))
     )
 
@@ -131,6 +140,7 @@ def accumulate_conv_factor(
         weights: optional (n, positions) per-row weights.
     """
     impl = select("accumulate_conv_factor", backend, A, accumulate_conv_factor_reference,
-                  accumulate_conv_factor_cuda, lambda: _cuda_supports(A, x, weights))
+                  accumulate_conv_factor_cuda,
+                  lambda: _cuda_supports(A, x, weights, (kernel_size, stride, padding, dilation)))
     return impl(A, x, kernel_size=kernel_size, stride=stride, padding=padding,
                 dilation=dilation, bias=bias, weights=weights, beta=beta, alpha=alpha)

@@ -17,7 +17,7 @@ from .._extension import extension
 from ._dispatch import select
 from ._launch import stream_handle
 
-_MAX_KERNEL_DIM = 1 << 22
+_MAX_KERNEL_DIM = 65535 * 64  # grid.y <= 65535 tiles of 64 rows
 
 
 def precondition_reference(

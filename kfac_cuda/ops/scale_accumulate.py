@@ -19,7 +19,7 @@ from ._launch import choose_splits, stream_handle
 
 _CHUNK_ELEMENTS = 1 << 24  # per-example gradients materialised at once by the reference
 _KERNEL_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MAX_KERNEL_DIM = 1 << 22
+_MAX_KERNEL_DIM = 65535 * 64  # grid.y <= 65535 tiles of 64 rows
 _MIN_ROWS_PER_SPLIT = 128
 
 

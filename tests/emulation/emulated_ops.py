@@ -28,10 +28,11 @@ def lib() -> ctypes.CDLL:
     return _lib
 
 
-def _ptr(t: Optional[torch.Tensor]):
+def _ptr(t: Optional[torch.Tensor], *dtypes: torch.dtype):
     if t is None:
         return None
     assert t.is_contiguous() and t.device.type == "cpu"
+    assert t.dtype in (dtypes or (torch.float32,)), f"unexpected dtype {t.dtype}"
     return t.data_ptr()
 
 
@@ -46,7 +47,7 @@ def precondition(grad, QG, QA, damping, scale=None, eig_g=None, eig_a=None):
     out = poisoned(d_out, d_in)
     dot = poisoned(1)
     ws = poisoned(lib().emu_precondition_workspace(d_out, d_in))
-    rc = lib().emu_precondition(_ptr(grad), int(grad.dtype == torch.bfloat16), _ptr(QG), _ptr(QA), _ptr(scale),
+    rc = lib().emu_precondition(_ptr(grad, torch.float32, torch.bfloat16), int(grad.dtype == torch.bfloat16), _ptr(QG), _ptr(QA), _ptr(scale),
                                 _ptr(eig_g), _ptr(eig_a), float(damping), _ptr(out), _ptr(dot), _ptr(ws),
                                 d_out, d_in)
     assert rc == 0
@@ -77,7 +78,7 @@ def conv_factor(A, x, kernel_size: Sequence[int], stride, padding, dilation, bia
     geometry = (ctypes.c_int * 12)(n, C, H, W, *kernel_size, *stride, *padding, *dilation)
     need = lib().emu_conv_workspace(A.shape[0], splits)
     ws = poisoned(need) if need else None
-    rc = lib().emu_conv(_ptr(x), _X_TYPES[x.dtype], _ptr(weights), _ptr(A), _ptr(ws), geometry, int(bias), splits,
+    rc = lib().emu_conv(_ptr(x, *_X_TYPES), _X_TYPES[x.dtype], _ptr(weights), _ptr(A), _ptr(ws), geometry, int(bias), splits,
                         beta, alpha)
     assert rc == 0
     return A
