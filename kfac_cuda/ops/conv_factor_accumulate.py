@@ -91,15 +91,15 @@ def accumulate_conv_factor_cuda(
     """
     ext = extension()
     kernel_size, stride, padding, dilation = (_pair(v) for v in (kernel_size, stride, padding, dilation))
-    x = x.contiguous()
+    x = x.detach().contiguous()  # DLPack refuses tensors that require grad
     if weights is not None:
-        weights = weights.to(torch.float32).contiguous()
+        weights = weights.detach().to(torch.float32).contiguous()
     d = A.shape[0]
     rows = _patch_rows(x, kernel_size, stride, padding, dilation)
     splits = choose_splits(A.device, ext.conv_factor_tiles(d), rows, _MIN_ROWS_PER_SPLIT, d * d)
     size = ext.conv_factor_workspace_size(d, splits)
     workspace = torch.empty(size, dtype=torch.float32, device=A.device) if size else None
-    ext.conv_factor_accumulate(A, x, weights, kernel_size, stride, padding, dilation, bool(bias), workspace,
+    ext.conv_factor_accumulate(A.detach(), x, weights, kernel_size, stride, padding, dilation, bool(bias), workspace,
                                splits, float(beta), float(alpha), stream_handle(A.device))
     return A
 

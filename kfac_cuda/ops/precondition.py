@@ -55,8 +55,9 @@ def precondition_cuda(
     contiguous ones first, so store the bases contiguous to avoid that copy per step.
     """
     d_out, d_in = grad.shape
-    grad, QG, QA = grad.contiguous(), QG.contiguous(), QA.contiguous()
-    scale, eig_g, eig_a = (None if t is None else t.contiguous() for t in (scale, eig_g, eig_a))
+    # detach: DLPack refuses tensors that require grad; contiguous: the kernel reads row-major
+    grad, QG, QA = (t.detach().contiguous() for t in (grad, QG, QA))
+    scale, eig_g, eig_a = (None if t is None else t.detach().contiguous() for t in (scale, eig_g, eig_a))
     ext = extension()
     out = torch.empty((d_out, d_in), dtype=torch.float32, device=QG.device)
     dot = torch.empty((), dtype=torch.float32, device=QG.device)

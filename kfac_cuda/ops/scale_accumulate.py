@@ -55,7 +55,8 @@ def accumulate_scale_reference(
 def _project(x: torch.Tensor, Q: torch.Tensor, bias: bool) -> torch.Tensor:
     """x Q (or [x | 1] Q = x Q[:-1] + Q[-1] with bias, without materialising [x | 1]) as a
     C-contiguous float32 matrix over the flattened leading dimensions."""
-    rows = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+    Q = Q.detach()
     if bias:
         return torch.addmm(Q[-1], rows, Q[:-1])
     return rows @ Q
@@ -95,7 +96,7 @@ def accumulate_scale_cuda(
     size = ext.scale_accumulate_workspace_size(d_out, d_in, splits)
     workspace = torch.empty(size, dtype=torch.float32, device=S.device) if size else None
     launch = ext.scale_accumulate if g.dim() == 2 else ext.scale_accumulate_shared
-    launch(S, gt, at, workspace, splits, float(beta), float(alpha), stream_handle(S.device))
+    launch(S.detach(), gt, at, workspace, splits, float(beta), float(alpha), stream_handle(S.device))
     return S
 
 

@@ -108,3 +108,13 @@ def test_deterministic_bitwise():
         accumulate_conv_factor(A, x, beta=0.95, alpha=0.05, backend="cuda", **geo)
         outs.append(A)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_input_that_requires_grad_is_accepted():
+    """Hooks may hand over the layer input still attached to the graph; DLPack refuses such
+    tensors, so the wrapper must detach."""
+    x, w, A0, geo = case(GEOMETRIES[1], torch.float32, True, True, seed=5)
+    x.requires_grad_(True)
+    A = A0.clone()
+    accumulate_conv_factor(A, x, weights=w, beta=0.5, alpha=0.5, backend="cuda", **geo)
+    assert rel(A, reference64(A0, x.detach(), w, geo, 0.5, 0.5)) < 1e-5
