@@ -24,8 +24,10 @@ resumes on any world size. Per step (see ``Preconditioner.step``):
 
 Every rank keeps every layer's bases (EKFAC/TEKFAC need them on all ranks to estimate the
 scales from the local batch), so ``grad_worker_fraction`` trades compute for traffic, not
-memory. ``bytes_communicated`` counts, per kind, the bytes of the tensors this rank passes
-to collectives (payload; a ring all_reduce moves about 2 (W-1)/W times that over the wire).
+memory. ``bytes_communicated`` counts, per kind, the data delivered to this rank: the payload
+of every all_reduce (a ring all_reduce moves about 2 (W-1)/W times that over each link) and
+of every broadcast this rank receives (a rank receives the (W - k)/W of the U's it does not
+compute, and the eigendecompositions of the others).
 """
 from __future__ import annotations
 
@@ -167,7 +169,8 @@ class DistributedComm(LocalComm):
         shapes = [[torch.Size([m.shape[0]]), m.shape, torch.Size([1])] for m in mats]
         pieces = self._share(owners, shapes, [(m.dtype, m.device) for m in mats], local,
                              self.group, self.ranks, "eigh")
-        return [(evals, evecs) if bool(ok.item()) else None for evals, evecs, ok in pieces]
+        oks = torch.cat([ok for _, _, ok in pieces]).tolist() if pieces else []  # one device sync
+        return [(evals, evecs) if ok else None for (evals, evecs, _), ok in zip(pieces, oks)]
 
     def precondition_all(self, jobs: Sequence[Callable[[], Tuple[torch.Tensor, torch.Tensor]]],
                          costs: Sequence[float], specs: Sequence[OutputSpec]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -189,11 +192,14 @@ class DistributedComm(LocalComm):
     def _buckets(self, tensors: Sequence[torch.Tensor]) -> List[List[torch.Tensor]]:
         """Tensors grouped by dtype/device, in order, each group cut at ``bucket_cap_bytes``."""
         groups: Dict[BucketKey, List[List[torch.Tensor]]] = defaultdict(lambda: [[]])
+        filled: Dict[BucketKey, int] = defaultdict(int)  # bytes in each key's last bucket
         for t in tensors:
-            bucket = groups[(t.dtype, t.device)]
-            if bucket[-1] and sum(x.numel() for x in bucket[-1]) * t.element_size() + t.nbytes > self.bucket_cap_bytes:
-                bucket.append([])
-            bucket[-1].append(t)
+            key = (t.dtype, t.device)
+            if groups[key][-1] and filled[key] + t.nbytes > self.bucket_cap_bytes:
+                groups[key].append([])
+                filled[key] = 0
+            groups[key][-1].append(t)
+            filled[key] += t.nbytes
         return [b for bs in groups.values() for b in bs]
 
     def _average(self, tensors: Sequence[torch.Tensor], kind: str) -> None:
@@ -232,7 +238,7 @@ class DistributedComm(LocalComm):
                 buf = _flatten([p for j in idx for p in local[j]])
             else:
                 buf = torch.empty(sum(s.numel() for j in idx for s in shapes[j]), dtype=dtype, device=device)
-            self._count(kind, buf)
+                self._count(kind, buf)
             pending.append((dist.broadcast(buf, src=ranks[owner], group=group, async_op=True), buf, idx))
         out: List[List[torch.Tensor]] = [[] for _ in owners]
         for work, buf, idx in pending:

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kfac_cuda
 from kfac_cuda.distributed import grad_workers, lpt_assign
+from kfac_cuda.eigh import eigh_many
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 
@@ -105,7 +106,7 @@ def spawn(fn, world: int, *args) -> None:
 
 # --- the rank program: one 4-process group runs every scenario (process start-up dominates) ---------
 def run_all(rank: int, world: int, out: Path) -> None:
-    results = {"configs": run_configs(rank, world), "nan": run_nan_skip(rank, world)}
+    results = {"configs": run_configs(rank, world), "nan": run_nan_skip(rank, world), "eigh": run_eigh()}
     pair, trio, solo = dist.new_group([0, 1]), dist.new_group([0, 1, 2]), dist.new_group([3])
     if rank < 2:
         save_checkpoint(pair, out, CKPT_STEP)
@@ -137,6 +138,23 @@ def run_nan_skip(rank: int, world: int) -> dict:
     train(net, opt, range(STEPS + 1), rank, world, nan_step=NAN_STEP)
     return {"params": flat_params(model), "steps": opt.preconditioner.steps,
             "all_true": (comm.all_true(rank != 1), comm.all_true(True))}
+
+
+def eigh_inputs() -> list:
+    """Symmetric matrices of mixed sizes and dtypes, one of them not finite (no decomposition)."""
+    g = torch.Generator().manual_seed(7)
+    mats = [torch.randn(d, d, generator=g, dtype=dtype) for d, dtype in
+            [(5, torch.float64), (3, torch.float32), (5, torch.float64), (4, torch.float64), (2, torch.float32)]]
+    mats = [m @ m.T for m in mats]
+    mats[3][0, 0] = math.nan
+    return mats
+
+
+def run_eigh() -> list:
+    """Distributed eigendecompositions of ``eigh_inputs`` (spread over the ranks by cost)."""
+    mats = eigh_inputs()
+    return kfac_cuda.DistributedComm().eigh_many(mats, [str(i) for i in range(len(mats))],
+                                                 [float(m.shape[0]) ** 3 for m in mats])
 
 
 def save_checkpoint(group, out: Path, steps: int) -> None:
@@ -206,6 +224,20 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(ranks):
         torch.testing.assert_close(r["nan"]["params"], expected, rtol=1e-9, atol=1e-11)
         assert r["nan"]["steps"] == STEPS
         assert r["nan"]["all_true"] == (False, True)
+
+
+def test_eigendecompositions_spread_over_ranks_equal_local_ones(ranks):
+    mats = eigh_inputs()
+    expected = eigh_many(mats, [str(i) for i in range(len(mats))])
+    assert expected[3] is None
+    for r in ranks:
+        for got, want in zip(r["eigh"], expected):
+            if want is None:
+                assert got is None
+                continue
+            for g, w in zip(got, want):
+                assert g.dtype == w.dtype
+                torch.testing.assert_close(g, w, rtol=1e-12, atol=0)  # same matrix, same routine
 
 
 def test_checkpoint_from_two_ranks_resumes_on_one_and_three(ranks):
