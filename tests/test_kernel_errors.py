@@ -17,15 +17,6 @@ pytestmark = pytest.mark.skipif(not cuda_extension_available(),
                                 reason=f"CUDA extension unavailable: {cuda_extension_error()}")
 
 
-@pytest.fixture(autouse=True)
-def _float32_default_dtype():
-    """Other test modules set float64 as the default dtype at import; these tests build
-    float32 inputs and must not depend on test order."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(old)
-
 
 def ext():
     from kfac_cuda._extension import extension

@@ -9,15 +9,6 @@ from kfac_cuda._extension import extension
 from kfac_cuda.ops.conv_factor_accumulate import accumulate_conv_factor, accumulate_conv_factor_reference
 
 
-@pytest.fixture(autouse=True)
-def _float32_default_dtype():
-    """Other test modules set float64 as the default dtype at import; these tests build
-    float32 inputs and must not depend on test order."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(old)
-
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # (n, C, H, W, kernel, stride, padding, dilation)

@@ -14,14 +14,6 @@ SHAPES = [(1, 1), (7, 7), (1, 33), (33, 1), (7, 255), (255, 33), (33, 1000), (10
 TOL = 5e-5  # fp32 accumulation; relative to the sum of absolute terms
 
 
-@pytest.fixture(autouse=True)
-def float32_default():
-    """Other test modules change the default dtype at import; these tests build float32 factors."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(previous)
-
 
 def inputs(n, d, bias, weighted, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
