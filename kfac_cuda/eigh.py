@@ -24,7 +24,7 @@ def _symmetrise(m: torch.Tensor) -> torch.Tensor:
 
 
 def _finish(evals: torch.Tensor, evecs: torch.Tensor, like: torch.Tensor) -> Eig:
-    return evals.clamp_min(0).to(like.dtype), evecs.to(like.dtype)
+    return evals.clamp_min(0).to(like.dtype), evecs.to(like.dtype).contiguous()
 
 
 def _ladder(m: torch.Tensor, label: str) -> Optional[Eig]:

@@ -4,8 +4,8 @@ Each op module registers a pure-PyTorch reference (the definition of the math, r
 anywhere) and, where the compiled extension provides one, a CUDA implementation.
 ``backend="torch"`` forces the reference, ``backend="cuda"`` forces the kernel (and
 raises a clear error when it cannot run), ``backend="auto"`` picks the kernel for CUDA
-tensors when the extension is loaded and the op's ``cuda_supports`` check accepts the
-arguments, the reference otherwise.
+tensors when the extension is loaded, the op is in ``AUTO_KERNELS`` and the op's
+``cuda_supports`` check accepts the arguments, the reference otherwise.
 """
 from __future__ import annotations
 
@@ -16,6 +16,12 @@ import torch
 from .._extension import cuda_extension_available, cuda_extension_error
 
 BACKENDS = ("auto", "torch", "cuda")
+
+#: Ops whose kernel ``backend="auto"`` may pick: only those measured correct and at least as
+#: fast as the reference on an H100/H200 (tests/gpu, bench/kernel_table.py). Empty until a GPU
+#: session has verified them: every kernel is compiled and CPU-emulated, none has yet run on a
+#: GPU, so "auto" stays on the PyTorch reference and ``backend="cuda"`` opts in.
+AUTO_KERNELS: frozenset = frozenset()
 
 
 def check_backend(backend: str) -> str:
@@ -48,6 +54,6 @@ def select(
         if cuda is None:
             raise RuntimeError(f"{op_name}: no CUDA kernel is compiled for this op")
         return cuda
-    if usable and (cuda_supports is None or cuda_supports()):
+    if usable and op_name in AUTO_KERNELS and (cuda_supports is None or cuda_supports()):
         return cuda
     return reference
