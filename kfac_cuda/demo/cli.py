@@ -40,13 +40,13 @@ def positive_float(text: str) -> float:
     return value
 
 
-def method_list(text: str) -> List[str]:
-    """argparse type: comma-separated method names, each a key of :data:`METHODS`."""
+def method_list(text: str, choices: Sequence[str] = tuple(METHODS)) -> List[str]:
+    """argparse type: comma-separated method names, each one of ``choices``."""
     names = [name.strip().lower() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in METHODS]
+    unknown = [name for name in names if name not in choices]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+            f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(choices)}")
     return list(dict.fromkeys(names))
 
 
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, the init and the batches")
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: out/demo)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch (default: 1, fastest for these small layers and "
+                             "robust on a busy machine; 0 keeps torch's default)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
@@ -106,6 +109,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device = resolve_device(args.device)
     except ValueError as err:
         parser.error(str(err))
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tasks = TASKS if args.task == "all" else (args.task,)
     print(f"kfac_cuda demo on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"torch {torch.__version__}, seed {args.seed}")

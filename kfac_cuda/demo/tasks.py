@@ -28,14 +28,18 @@ import torch.nn.functional as F
 
 TASKS = ("autoencoder", "classifier")
 
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
 class Task:
     """A supervised problem: tensors on the target device, a model factory and a loss.
 
-    ``loss(model, x, y)`` returns the batch-mean training loss. ``test_metric`` names the
+    ``criterion(outputs, x, y)`` returns the batch-mean training loss of the model's
+    ``outputs`` on inputs ``x`` with labels ``y``. ``fisher_logits(outputs)`` gives the
+    logits of the model's predictive distribution (classes last) from which
+    :meth:`kfac_cuda.KFAC.sample_fisher` draws targets for the MC ("true") Fisher.
+    ``test_metric`` names the
     number reported on the test set (``"accuracy"`` is higher-is-better, anything else
     is a loss, lower-is-better); ``target_loss`` and ``target_test`` are the default
     thresholds for "time to target".
@@ -47,7 +51,8 @@ class Task:
     x_test: torch.Tensor
     y_test: torch.Tensor
     make_model: Callable[[], nn.Module]
-    loss: LossFn
+    criterion: Criterion
+    fisher_logits: Callable[[torch.Tensor], torch.Tensor]
     test_metric: str
     target_loss: float
     target_test: float
@@ -57,6 +62,10 @@ class Task:
         """True when the test metric is an accuracy rather than a loss."""
         return self.test_metric == "accuracy"
 
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Batch-mean training loss of ``model`` on (x, y)."""
+        return self.criterion(model(x), x, y)
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch_size: int = 2048) -> tuple[float, float]:
         """Return (full training-set loss, test metric) of ``model`` in eval mode."""
@@ -64,7 +73,7 @@ class Task:
         model.eval()
         train_loss = _batched_mean(lambda x, y: self.loss(model, x, y), self.x_train, self.y_train, batch_size)
         if self.higher_test_is_better:
-            test = _batched_mean(lambda x, y: (model(x).argmax(1) == y).float().mean(), self.x_test, self.y_test, batch_size)
+            test = _batched_mean(lambda x, y: (model(x).argmax(-1) == y).float().mean(), self.x_test, self.y_test, batch_size)
         else:
             test = _batched_mean(lambda x, y: self.loss(model, x, y), self.x_test, self.y_test, batch_size)
         model.train(was_training)
@@ -116,16 +125,27 @@ def make_cnn(num_classes: int = 10) -> nn.Sequential:
     )
 
 
-def reconstruction_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def reconstruction_loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Bernoulli NLL of the images: BCE summed over pixels, mean over the batch."""
     del y  # an autoencoder's target is its input
-    target = x.flatten(1)
-    return F.binary_cross_entropy_with_logits(model(x), target, reduction="sum") / len(x)
+    return F.binary_cross_entropy_with_logits(logits, x.flatten(1), reduction="sum") / len(x)
 
 
-def classification_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def bernoulli_as_two_class_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-pixel Bernoulli logits z as two-class logits [0, z] (softmax gives sigmoid(z)),
+    so a categorical sampler draws the pixels of the MC Fisher."""
+    return torch.stack([torch.zeros_like(logits), logits], dim=-1)
+
+
+def class_logits(logits: torch.Tensor) -> torch.Tensor:
+    """A classifier's outputs already are the logits of its predictive distribution."""
+    return logits
+
+
+def classification_loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the logits, mean over the batch."""
-    return F.cross_entropy(model(x), y)
+    del x
+    return F.cross_entropy(logits, y)
 
 
 def build_task(name: str, seed: int, device: torch.device) -> Task:
@@ -133,8 +153,8 @@ def build_task(name: str, seed: int, device: torch.device) -> Task:
     x_train, y_train, x_test, y_test = load_digits_split(seed, device)
     if name == "autoencoder":
         return Task(name, x_train, y_train, x_test, y_test, make_autoencoder, reconstruction_loss,
-                    test_metric="test loss", target_loss=20.0, target_test=20.0)
+                    bernoulli_as_two_class_logits, test_metric="test loss", target_loss=20.0, target_test=20.0)
     if name == "classifier":
         return Task(name, x_train, y_train, x_test, y_test, make_cnn, classification_loss,
-                    test_metric="accuracy", target_loss=0.05, target_test=0.95)
+                    class_logits, test_metric="accuracy", target_loss=0.05, target_test=0.95)
     raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")

@@ -86,12 +86,15 @@ def train(task: Task, make_optimizer: MakeOptimizer, *, method: str, lr: float, 
 
     The model's initial weights and the batch order depend only on ``seed``, so every
     method starts from the same point and sees the same batches. A run whose training
-    loss becomes non-finite stops early with ``diverged=True``.
+    loss becomes non-finite stops early with ``diverged=True``. Optimizers of this package
+    built with ``fisher="mc"`` get :meth:`~kfac_cuda.KFAC.sample_fisher` called with the
+    task's predictive logits before every backward pass.
     """
     device = task.x_train.device
     torch.manual_seed(seed)
     model = task.make_model().to(device)
     optimizer = make_optimizer(model)
+    mc_fisher = getattr(getattr(optimizer, "preconditioner", None), "fisher", None) == "mc"
     batches = torch.Generator(device="cpu").manual_seed(seed)
     n = len(task.x_train)
     batch_size = min(batch_size, n)
@@ -115,8 +118,12 @@ def train(task: Task, make_optimizer: MakeOptimizer, *, method: str, lr: float, 
             order, cursor = torch.randperm(n, generator=batches).to(device), 0
         idx = order[cursor:cursor + batch_size]
         cursor += batch_size
+        x, y = task.x_train[idx], task.y_train[idx]
         optimizer.zero_grad(set_to_none=True)
-        task.loss(model, task.x_train[idx], task.y_train[idx]).backward()
+        outputs = model(x)
+        if mc_fisher:
+            optimizer.sample_fisher(task.fisher_logits(outputs), "cross_entropy")
+        task.criterion(outputs, x, y).backward()
         optimizer.step()
         bar.update()
         if step % eval_every == 0 or step == steps:
