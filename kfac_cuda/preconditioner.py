@@ -72,6 +72,8 @@ class Preconditioner:
         backend: "auto" | "torch" | "cuda" for the hot ops.
         skip_modules: module names, types or instances left alone.
         max_factor_dim: layers whose factor side exceeds this are skipped (listed).
+        check_finite: skip steps whose gradients or activations are not finite. The check
+            reads a flag back to the host; pass False to capture a step in a CUDA graph.
         comm: what the step asks of the process group: ``LocalComm()`` (single process, the
             default) or ``kfac_cuda.DistributedComm(...)`` (see kfac_cuda.distributed).
     """
@@ -97,6 +99,7 @@ class Preconditioner:
         backend: str = "auto",
         skip_modules: Iterable = (),
         max_factor_dim: int = 8192,
+        check_finite: bool = True,
         comm: Optional[LocalComm] = None,
     ):
         self.method = _choice("method", method.lower(), METHODS)
@@ -127,6 +130,7 @@ class Preconditioner:
         self.kl_clip = kl_clip
         self.lr = lr
         self.adaptive_damping = adaptive_damping
+        self.check_finite = check_finite
         self.comm = comm or LocalComm()
         self.comm.attach(model)
         if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -321,10 +325,7 @@ class Preconditioner:
         try:
             batches = self._batches(names) if (factors_due or scales_due) else {}
             grads = {n: self.layers[n][0].grad_matrix() for n in names}
-            finite = all(bool(torch.isfinite(t).all()) for t in grads.values())
-            finite = finite and all(bool(torch.isfinite(b.x).all() and torch.isfinite(b.g).all())
-                                    for b in batches.values())
-            if not self.comm.all_true(finite):
+            if self.check_finite and not self.comm.all_true(self._all_finite(grads, batches)):
                 warnings.warn(f"kfac_cuda: non-finite gradient or activation at step {self.steps}; "
                               "step skipped, curvature left untouched", RuntimeWarning)
                 return False
@@ -335,6 +336,11 @@ class Preconditioner:
         finally:
             for c in self._captures.values():
                 c.clear()
+
+    @staticmethod
+    def _all_finite(grads: Dict[str, torch.Tensor], batches: Dict[str, LayerBatch]) -> bool:
+        tensors = list(grads.values()) + [t for b in batches.values() for t in (b.x, b.g)]
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
     def _update_curvature(self, names, batches, factors_due, bases_due, scales_due) -> None:
         curvatures = [self.layers[n][1] for n in names]
