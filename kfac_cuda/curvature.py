@@ -17,7 +17,7 @@ TEKFAC   the eigenbasis of Phi, Psi with scales Theta = E_i[(Q_Psi^T dW_i Q_Phi)
          U = Q_Psi [(Q_Psi^T V Q_Phi) / (Theta + lambda)] Q_Phi^T.
 All factors and scales are exponential moving averages X <- beta X + (1 - beta) X_batch; the
 first update of a factor takes the batch value, and after every basis refresh the scales are
-re-estimated from the current batch in the new basis.
+re-estimated in the new basis (see ScaleMixin.update_scales), never carried over from the old one.
 """
 from __future__ import annotations
 
@@ -78,6 +78,11 @@ class KFACCurvature:
         self.buffers["eA"], self.buffers["QA"] = input_eig
         self.buffers["eG"], self.buffers["QG"] = output_eig
 
+    def kronecker_eigenvalues(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(output side, input side) eigenvalues whose outer product is the undamped
+        Kronecker approximation's spectrum in the current basis."""
+        return self.buffers["eG"], self.buffers["eA"]
+
     # --- preconditioning -------------------------------------------------------------------
     def natural_damping(self) -> Optional[float]:
         """Mean eigenvalue of the layer's curvature block, for adaptive conv damping
@@ -117,13 +122,20 @@ class ScaleMixin:
     def init_scales(self) -> None:
         self.buffers["S"] = None
 
-    def update_scales(self, batch: LayerBatch, decay: float, fresh: bool) -> None:
-        """S <- decay S + (1 - decay) S_batch, or S <- S_batch right after a basis refresh."""
+    def update_scales(self, batch: LayerBatch, decay: float, fresh: bool, restart: str = "kronecker") -> None:
+        """S <- decay S + (1 - decay) S_batch. Right after a basis refresh the old S belongs to
+        the old basis: it is replaced by the Kronecker-structured scales of the new basis
+        (``restart="kronecker"``: l_G l_A^T, the EMA factors' own estimate of the same
+        quantity) before the EMA step, or dropped (``restart="batch"``: S <- S_batch)."""
         b = self.buffers
         if b["S"] is None:
             b["S"] = torch.zeros(b["QG"].shape[0], b["QA"].shape[0], dtype=b["QA"].dtype, device=b["QA"].device)
             fresh = True
-        beta = 0.0 if fresh else decay
+        beta = decay
+        if fresh and restart == "kronecker":
+            torch.outer(*self.kronecker_eigenvalues(), out=b["S"])
+        elif fresh:
+            beta = 0.0
         g, a = batch.scale_rows()
         accumulate_scale(b["S"], g, a, b["QG"], b["QA"], bias=batch.bias, beta=beta,
                          alpha=(1 - beta) / batch.n, backend=batch.backend)
@@ -173,6 +185,11 @@ class TKFACCurvature(KFACCurvature):
         delta = self.buffers["delta"].clamp_min(torch.finfo(self.buffers["delta"].dtype).tiny)
         super().set_bases((input_eig[0] / delta, input_eig[1]), (output_eig[0] / delta, output_eig[1]))
         self.buffers["delta_ref"] = delta.clone()
+
+    def kronecker_eigenvalues(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """delta (Lambda_Phi (x) Lambda_Psi), split as sqrt(delta) on each side."""
+        root_delta = self.buffers["delta_ref"].sqrt()
+        return root_delta * self.buffers["eG"], root_delta * self.buffers["eA"]
 
     def natural_damping(self) -> Optional[float]:
         return self.buffers["delta_ref"].item() / self.dim

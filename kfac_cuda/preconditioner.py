@@ -7,7 +7,8 @@ Order within ``step()`` (TEKFAC paper, Algorithm 1, and George et al. 2018):
    (factors, scales, bases, counters and ``.grad`` untouched) with a warning;
 2. on factor-update steps (and basis-refresh steps) the factors' EMAs take the batch;
 3. on basis-refresh steps (``inv_update_steps``) the eigenbases are recomputed, then the
-   scales (EKFAC, TEKFAC) are re-estimated from this batch in the NEW basis;
+   scales (EKFAC, TEKFAC) are re-estimated in the NEW basis: from this batch, on top of the
+   new basis' Kronecker spectrum (``scale_restart``), never from scales of the old basis;
 4. on other scale-update steps (``scale_update_steps``) the scales' EMAs take the batch;
 5. each layer's gradient is preconditioned, optionally KL-clipped (Ba et al. 2017):
    nu = min(1, sqrt(kl_clip / sum_layers lr^2 <U, V>)), U <- nu U.
@@ -60,6 +61,10 @@ class Preconditioner:
         scale_decay: EMA weight of the old scales (EKFAC, TEKFAC); defaults to ``factor_decay``.
         factor_update_steps, inv_update_steps, scale_update_steps: update intervals in steps
             (``scale_update_steps`` defaults to ``factor_update_steps``).
+        scale_restart: how the scales (EKFAC, TEKFAC) restart after a basis refresh, where the
+            old scales belong to the old basis: "kronecker" (default) starts the EMA from the
+            Kronecker spectrum of the new basis (l_G l_A^T, or delta l_Psi l_Phi^T) and takes the
+            batch with weight 1 - scale_decay; "batch" restarts from this batch's estimate alone.
         kl_clip: KL-clipping radius kappa, or None to disable.
         lr: learning rate used by KL-clipping (the KFAC optimizers pass theirs).
         damping_style: "eigen" (exact inverse of A(x)G + lambda I) or "factored" (K-FAC only).
@@ -89,6 +94,7 @@ class Preconditioner:
         factor_update_steps: int = 10,
         inv_update_steps: int = 100,
         scale_update_steps: Optional[int] = None,
+        scale_restart: str = "kronecker",
         kl_clip: Optional[float] = None,
         lr: LrArg = None,
         damping_style: str = "eigen",
@@ -127,6 +133,7 @@ class Preconditioner:
         self.factor_update_steps = int(factor_update_steps)
         self.inv_update_steps = int(inv_update_steps)
         self.scale_update_steps = int(scale_update_steps or factor_update_steps)
+        self.scale_restart = _choice("scale_restart", scale_restart, ("kronecker", "batch"))
         self.kl_clip = kl_clip
         self.lr = lr
         self.adaptive_damping = adaptive_damping
@@ -214,6 +221,8 @@ class Preconditioner:
             if not (self.capturing and torch.is_grad_enabled() and isinstance(output, torch.Tensor)
                     and output.requires_grad):
                 return
+            if torch._C._functorch.is_functorch_wrapped_tensor(inputs[0]):
+                return  # a torch.func transform (vmap/grad) of the model, not a training step
             x = inputs[0].detach()
             pair = [x, None, None]
             capture.pairs.append(pair)
@@ -355,7 +364,7 @@ class Preconditioner:
         if scales_due:
             for n, c in zip(names, curvatures):
                 if c.has_basis and n in batches:
-                    c.update_scales(batches[n], self.scale_decay, fresh=bases_due)
+                    c.update_scales(batches[n], self.scale_decay, fresh=bases_due, restart=self.scale_restart)
             self.comm.average_([t for c in curvatures if c.has_basis for t in c.synced_scales()])
 
     def _apply(self, names, grads, lr: LrArg) -> None:

@@ -196,3 +196,20 @@ def test_kl_clip_scales_update():
     clipped = layer_matrix(model[0].weight, model[0].bias).detach() - before
     vg = (free / -LR * V).sum() * LR ** 2
     torch.testing.assert_close(clipped, free * min(1.0, (1e-6 / vg).sqrt().item()))
+
+
+@pytest.mark.parametrize("restart", ["kronecker", "batch"])
+def test_scales_restart_in_new_basis(restart):
+    """After a refresh: S = beta * kron spectrum + (1 - beta) * S_batch ("kronecker") or S_batch ("batch")."""
+    model, x, y = linear_case(12)
+    A, G = kfac_factors(model, x, y)
+    per_ex = per_example_grads(model, sq_loss, x, y, "0")
+    opt = kfac_cuda.EKFAC(model, lr=LR, momentum=0.0, kl_clip=None, factor_decay=0.6, factor_update_steps=1,
+                          inv_update_steps=1, scale_restart=restart, backend="torch")
+    sq_loss(model(x), y).backward()
+    opt.step()
+    b = opt.preconditioner.layers["0"][1].buffers
+    batch = rotated_fisher_diagonal(empirical_fisher(per_ex), b["QA"], b["QG"])
+    spectrum = torch.outer(torch.linalg.eigvalsh(G), torch.linalg.eigvalsh(A))
+    expected = 0.6 * spectrum + 0.4 * batch if restart == "kronecker" else batch
+    torch.testing.assert_close(b["S"], expected)

@@ -239,3 +239,17 @@ def test_sequence_inputs_linear_layers():
         F.mse_loss(model(x), x).backward()
         opt.step()
         assert opt.preconditioner.steps == 1
+
+
+def test_torch_func_transforms_of_the_model_are_not_captured():
+    from torch.func import functional_call, grad, vmap
+
+    model = nn.Sequential(nn.Linear(3, 2))
+    opt = kfac_cuda.KFAC(model, lr=0.1, factor_update_steps=1)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    loss_one = lambda p, xi: functional_call(model, p, (xi.unsqueeze(0),)).square().sum()
+    vmap(grad(loss_one), in_dims=(None, 0))(params, torch.randn(5, 3))  # e.g. per-example gradients
+    assert not opt.preconditioner._captures["0"].pairs
+    F.mse_loss(model(torch.randn(4, 3)), torch.zeros(4, 2)).backward()
+    opt.step()
+    assert opt.preconditioner.steps == 1
