@@ -12,9 +12,11 @@ opt-einsum nngeometry``.
 - ``nngeometry-ekfac``: nngeometry's ``PMatEKFAC`` drives training through
   :class:`NNGeometryEKFAC`: every ``update_every`` steps the EKFAC Fisher of the current
   batch is rebuilt (closed-form expectation over the softmax, i.e. the true Fisher), and
-  every step the gradient is replaced by ``(F + damping I)^-1 g`` before momentum SGD.
+  every step the gradient is replaced by ``(F + damping I)^-1 g`` before momentum SGD;
+  layers nngeometry does not support (embeddings, ...) get the plain gradient.
   nngeometry's Fisher helpers need 2-D class logits, so it runs on classification tasks
-  only (elsewhere its run fails and is reported as such).
+  only (the autoencoder is skipped; on the transformer's 3-D logits the run fails and is
+  reported as such).
 """
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ class NNGeometryEKFAC(torch.optim.Optimizer):
 
         super().__init__(model.parameters(), dict(lr=lr, momentum=momentum))
         self.model, self.damping, self.update_every = model, damping, update_every
-        self.layers = LayerCollection.from_model(model)
+        self.layers = LayerCollection.from_model(model, ignore_unsupported_layers=True)
         self._inputs: Optional[torch.Tensor] = None
         self._fisher = None
         self._steps = 0

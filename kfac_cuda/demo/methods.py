@@ -5,10 +5,24 @@ Kronecker methods take their options from ``kfac_options``, by default
 :data:`KFAC_OPTIONS`: curvature refreshed often (the demo runs a few hundred steps on
 small layers, where an eigendecomposition costs well under a millisecond) and the MC
 ("true") Fisher, as in Martens & Grosse (2015). With the empirical Fisher the deep
-autoencoder stays on the mean-image plateau (loss ~27) for every damping, KL-clip and
-learning rate tried, while the MC Fisher leaves it within ~100 steps.
+autoencoder stays on or near its mean-image plateau (loss ~27; best of 36 damping ×
+KL-clip settings after 300 steps: 21.4), while with the MC Fisher all four methods
+reach ~16 in 600 steps (SGD's best: 17.1).
 
-Learning-rate tuning (``DEFAULT_LR``): TODO fill in after the grid search.
+Tuning (seed 0, batch 64, default steps: autoencoder 600, classifier 300; criterion: final
+full training loss; momentum 0.9 everywhere):
+
+- K-FAC family, first damping × KL-clip × lr for KFAC and TEKFAC: damping {0.01, 0.1, 1},
+  kl_clip {1e-3, 1e-2}, lr {0.03, 0.1, 0.3}. damping 0.1 with kl_clip 1e-3 was best or
+  close to best for both methods on both tasks (damping 0.01 stays on the autoencoder's
+  plateau; kl_clip 1e-2 is unstable on the CNN), so all four methods use it. Then lr
+  {0.03, 0.1, 0.3} for each method. On the autoencoder the KL clip binds, so the rate
+  barely matters (KFAC: 15.53 at all three).
+- SGD: lr {0.003, 0.01, 0.03, 0.1, 0.3}; AdamW: lr {3e-4, 1e-3, 3e-3, 1e-2, 3e-2}.
+
+Final training loss at the chosen rate (autoencoder | classifier):
+SGD 17.1 | 0.0019, AdamW 18.5 | 0.0010, KFAC 15.5 | 0.00096, EKFAC 16.3 | 0.0031,
+TKFAC 16.1 | 0.0012, TEKFAC 16.7 | 0.0041.
 """
 from __future__ import annotations
 
@@ -22,7 +36,7 @@ import kfac_cuda
 OptimizerFactory = Callable[[nn.Module, float, Dict[str, Any]], torch.optim.Optimizer]
 
 #: Options shared by KFAC, EKFAC, TKFAC and TEKFAC in the demo.
-KFAC_OPTIONS: Dict[str, Any] = dict(momentum=0.9, damping=1e-3, factor_decay=0.95,
+KFAC_OPTIONS: Dict[str, Any] = dict(momentum=0.9, damping=0.1, factor_decay=0.95,
                                     factor_update_steps=1, inv_update_steps=5, kl_clip=1e-3,
                                     fisher="mc")
 
@@ -43,8 +57,8 @@ METHODS: Dict[str, OptimizerFactory] = {
 
 #: Default learning rate per (task, method), from the grid search in the module docstring.
 DEFAULT_LR: Dict[str, Dict[str, float]] = {
-    "autoencoder": {"sgd": 0.01, "adamw": 1e-3, "kfac": 0.1, "ekfac": 0.1, "tkfac": 0.1, "tekfac": 0.1},
-    "classifier": {"sgd": 0.05, "adamw": 1e-3, "kfac": 0.1, "ekfac": 0.1, "tkfac": 0.1, "tekfac": 0.1},
+    "autoencoder": {"sgd": 0.03, "adamw": 1e-2, "kfac": 0.1, "ekfac": 0.03, "tkfac": 0.03, "tekfac": 0.3},
+    "classifier": {"sgd": 0.1, "adamw": 1e-2, "kfac": 0.03, "ekfac": 0.3, "tkfac": 0.03, "tekfac": 0.1},
 }
 
 
