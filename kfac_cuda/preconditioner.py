@@ -77,6 +77,9 @@ class Preconditioner:
         backend: "auto" | "torch" | "cuda" for the hot ops.
         skip_modules: module names, types or instances left alone.
         max_factor_dim: layers whose factor side exceeds this are skipped (listed).
+        grad_scaler: the ``torch.amp.GradScaler`` scaling the loss, if any: captured output
+            gradients are divided by its scale (call ``scaler.unscale_(optimizer)`` before
+            ``step()`` for the parameter gradients, as for gradient clipping).
         check_finite: skip steps whose gradients or activations are not finite. The check
             reads a flag back to the host; pass False to capture a step in a CUDA graph.
         comm: what the step asks of the process group: ``LocalComm()`` (single process, the
@@ -105,6 +108,7 @@ class Preconditioner:
         backend: str = "auto",
         skip_modules: Iterable = (),
         max_factor_dim: int = 8192,
+        grad_scaler=None,
         check_finite: bool = True,
         comm: Optional[LocalComm] = None,
     ):
@@ -138,6 +142,7 @@ class Preconditioner:
         self.lr = lr
         self.adaptive_damping = adaptive_damping
         self.check_finite = check_finite
+        self.grad_scaler = grad_scaler
         self.comm = comm or LocalComm()
         self.comm.attach(model)
         if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -282,6 +287,8 @@ class Preconditioner:
                 continue
             x = torch.cat([p[0] for p in pairs]) if len(pairs) > 1 else pairs[0][0]
             g = torch.cat([p[1] for p in pairs]) if len(pairs) > 1 else pairs[0][1]
+            if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+                g = g / self.grad_scaler.get_scale()
             out[name] = LayerBatch(adapter, x, g, sharing=self.weight_sharing, backend=self.backend,
                                    dtype=curvature.buffers["A"].dtype)
         return out

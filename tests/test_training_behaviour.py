@@ -253,3 +253,26 @@ def test_torch_func_transforms_of_the_model_are_not_captured():
     F.mse_loss(model(torch.randn(4, 3)), torch.zeros(4, 2)).backward()
     opt.step()
     assert opt.preconditioner.steps == 1
+
+
+def test_grad_scaler_scale_is_removed_from_captured_gradients():
+    class FixedScaler:  # the two calls the Preconditioner makes of a torch.amp.GradScaler
+        def is_enabled(self):
+            return True
+
+        def get_scale(self):
+            return 1024.0
+
+    torch.manual_seed(9)
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+    factors = []
+    for scaler, scale in ((None, 1.0), (FixedScaler(), 1024.0)):
+        torch.manual_seed(10)
+        model = nn.Sequential(nn.Linear(3, 2))
+        pre = kfac_cuda.Preconditioner(model, factor_update_steps=1, grad_scaler=scaler)
+        (scale * F.mse_loss(model(x), y)).backward()
+        for p in model.parameters():
+            p.grad /= scale  # what scaler.unscale_ does
+        pre.step()
+        factors.append(pre.layers["0"][1].buffers["G"].clone())
+    torch.testing.assert_close(factors[1], factors[0])
