@@ -276,3 +276,21 @@ def test_grad_scaler_scale_is_removed_from_captured_gradients():
         pre.step()
         factors.append(pre.layers["0"][1].buffers["G"].clone())
     torch.testing.assert_close(factors[1], factors[0])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_autocast_keeps_curvature_float32(method):
+    torch.manual_seed(11)
+    model = small_cnn()
+    opt = make(method, model)
+    x, y = batches(1)[0]
+    for _ in range(3):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        assert opt.step() is None
+    for _, curvature in opt.preconditioner.layers.values():
+        for name, t in curvature.buffers.items():
+            if t is not None:
+                assert t.dtype == torch.float32 and torch.isfinite(t).all(), name
