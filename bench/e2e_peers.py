@@ -13,7 +13,10 @@ opt-einsum nngeometry``.
   :class:`NNGeometryEKFAC`: every ``update_every`` steps the EKFAC Fisher of the current
   batch is rebuilt (closed-form expectation over the softmax, i.e. the true Fisher), and
   every step the gradient is replaced by ``(F + damping I)^-1 g`` before momentum SGD;
-  layers nngeometry does not support (embeddings, ...) get the plain gradient.
+  layers nngeometry does not support (embeddings, ...) get the plain gradient. Its
+  ``torch.linalg.eigh`` of the Kronecker factors fails now and then on the digits CNN
+  (rank-deficient factors, finite weights); the adapter then keeps the previous Fisher,
+  as our library does, and counts the failures in ``eigh_failures`` (in the JSON).
   nngeometry's Fisher helpers need 2-D class logits, so it runs on classification tasks
   only (the autoencoder is skipped; on the transformer's 3-D logits the run fails and is
   reported as such).
@@ -77,6 +80,7 @@ class NNGeometryEKFAC(torch.optim.Optimizer):
         self._inputs: Optional[torch.Tensor] = None
         self._fisher = None
         self._steps = 0
+        self.eigh_failures = 0
         model.register_forward_pre_hook(self._capture)
 
     def _capture(self, module: nn.Module, args: tuple) -> None:
@@ -99,8 +103,13 @@ class NNGeometryEKFAC(torch.optim.Optimizer):
         from nngeometry.object import PVector
 
         if self._steps % self.update_every == 0:
-            with torch.enable_grad():
-                self._refresh_fisher()
+            try:
+                with torch.enable_grad():
+                    self._refresh_fisher()
+            except torch.linalg.LinAlgError:
+                if self._fisher is None:
+                    raise
+                self.eigh_failures += 1
         self._steps += 1
         natural = self._fisher.solvePVec(PVector.from_model_grad(self.model), regul=self.damping).to_dict()
         grads = PVector.from_model_grad(self.model).to_dict()
