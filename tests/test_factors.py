@@ -9,14 +9,7 @@ from fisher_reference import (empirical_fisher, explicit_patches, output_grads, 
                               with_ones)
 
 
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    """These ground-truth comparisons run in float64; restore the default afterwards."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def sq_loss(out, y):
