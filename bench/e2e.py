@@ -152,12 +152,14 @@ def note(summary: Dict[str, Any]) -> str:
 
 
 def median_range(stats: Optional[Dict[str, Optional[float]]], spec: str) -> str:
-    """'median [min–max]' of a spread, '-' where not reached."""
-    if not stats:
+    """'median [min–max]' of a spread: '-' when no seed reached the target, '∞' for a
+    bound that did not, the median alone when all seeds agree."""
+    if not stats or stats["min"] is None:
         return "-"
     if stats["min"] == stats["max"]:
         return fmt(stats["median"], spec)
-    return f"{fmt(stats['median'], spec)} [{fmt(stats['min'], spec)}–{fmt(stats['max'], spec)}]"
+    high = "∞" if stats["max"] is None else fmt(stats["max"], spec)
+    return f"{fmt(stats['median'], spec)} [{fmt(stats['min'], spec)}–{high}]"
 
 
 def task_table(task: Task, summaries: Dict[str, Dict[str, Any]]) -> str:
@@ -165,7 +167,7 @@ def task_table(task: Task, summaries: Dict[str, Dict[str, Any]]) -> str:
     test_name = "test acc" if task.higher_test_is_better else "test loss"
     header = ["method", "lr", "ms/step (×sgd)", f"steps to loss≤{task.target_loss:g}", "s to loss target",
               f"steps to {test_name} {task.target_test:g}", "s to test target", "final loss", test_name,
-              "reached", "note"]
+              "reached loss/test", "note"]
     rows = []
     for method, s in summaries.items():
         if "sec_per_step" not in s:  # not installed, or every run failed

@@ -3,7 +3,7 @@
 ``PEERS`` maps a method name to a factory ``(model, lr) -> torch.optim.Optimizer`` and
 ``peer_status()`` says, per name, "ok" or why the peer is left out ("not installed: …").
 Installing the peers must never replace torch: ``pip install --no-deps heavyball
-opt-einsum nngeometry``.
+opt-einsum nngeometry`` (heavyball 3.2.1 and nngeometry 0.4 were checked).
 
 - ``soap`` and ``psgd``: heavyball's ``SOAP`` and ``PSGDKron``. heavyball compiles its
   update with ``torch.compile`` by default; that is switched off here (minutes of
@@ -33,6 +33,8 @@ PeerFactory = Callable[[nn.Module, float], torch.optim.Optimizer]
 
 #: Import each peer needs, by method name.
 PEER_MODULES: Dict[str, str] = {"soap": "heavyball", "psgd": "heavyball", "nngeometry-ekfac": "nngeometry"}
+#: What to install for each of those imports (never with dependencies: they would pull a torch).
+PIP_INSTALL: Dict[str, str] = {"heavyball": "heavyball opt-einsum", "nngeometry": "nngeometry"}
 
 
 def _import(module: str):
@@ -48,7 +50,7 @@ def peer_status() -> Dict[str, str]:
     status = {}
     for name, module in PEER_MODULES.items():
         if _import(module) is None:
-            status[name] = f"not installed (pip install --no-deps {module})"
+            status[name] = f"not installed (pip install --no-deps {PIP_INSTALL[module]})"
         else:
             status[name] = "ok"
     return status
