@@ -48,7 +48,7 @@ def test_demo_bad_flag_exits_2_with_message() -> None:
     (("--steps", "0"), "must be >= 1"),
     (("--target-loss", "nan"), "must be a finite number > 0"),
     (("--device", "tpu"), "invalid device 'tpu'"),
-    (("--threads", "-1"), "--threads must be >= 0"),
+    (("--threads", "-1"), "must be >= 0, got -1"),
 ])
 def test_demo_bad_flags_are_argparse_errors(args: tuple, message: str, capsys: pytest.CaptureFixture) -> None:
     from kfac_cuda.demo.cli import main

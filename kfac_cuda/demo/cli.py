@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -18,15 +19,20 @@ from .train import RunResult, train
 DEFAULT_STEPS = {"autoencoder": 600, "classifier": 300}
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+positive_int = int_at_least(1)
 
 
 def positive_float(text: str) -> float:
@@ -94,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, the init and the batches")
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: out/demo)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=int_at_least(0), default=1,
                         help="CPU threads for torch (default: 1, fastest for these small layers and "
                              "robust on a busy machine; 0 keeps torch's default)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -109,8 +115,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device = resolve_device(args.device)
     except ValueError as err:
         parser.error(str(err))
-    if args.threads < 0:
-        parser.error(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     tasks = TASKS if args.task == "all" else (args.task,)
@@ -124,13 +128,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         targets[name] = args.target_loss or task.target_loss
         for method in args.methods:
             lr = args.lr or DEFAULT_LR[name][method]
-            results.append(train(task, lambda model: make_optimizer(method, model, lr), method=method, lr=lr,
+            results.append(train(task, partial(make_optimizer, method, lr=lr), method=method, lr=lr,
                                  steps=args.steps or DEFAULT_STEPS[name], batch_size=args.batch_size,
                                  seed=args.seed, eval_every=args.eval_every, progress=not args.no_progress))
     wall = time.perf_counter() - started
     print()
     print(results_table(results, targets))
-    print(f"\ntotal wall time {wall:.1f} s (training time excludes evaluations)")
+    print(f"\ntotal wall time {wall:.1f} s (the table's seconds count training only, not evaluations)")
     args.out.mkdir(parents=True, exist_ok=True)
     plot = plot_curves(results, args.out / "loss_curves.png", targets)
     with open(args.out / "results.json", "w") as f:
