@@ -88,7 +88,9 @@ def run_method(task: Task, method: str, *, seed: int, steps: int, batch_size: in
         if method not in PEERS:
             raise
         print(f"{task.name} / {method} seed {seed} failed:\n{traceback.format_exc(limit=2)}", file=sys.stderr)
-        return {"method": method, "seed": seed, "lr": lr, "error": f"{type(err).__name__}: {err}"}
+        origin = traceback.extract_tb(err.__traceback__)[-1]
+        error = f"{type(err).__name__}: {str(err) or '(no message)'} in {Path(origin.filename).name}:{origin.lineno}"
+        return {"method": method, "seed": seed, "lr": lr, "error": error}
     run = result.to_dict()
     if built and hasattr(built[0], "eigh_failures"):
         run["eigh_failures"] = built[0].eigh_failures
