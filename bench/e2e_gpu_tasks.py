@@ -19,7 +19,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from kfac_cuda.demo.tasks import Task, class_logits, classification_loss
+from kfac_cuda.demo.tasks import Task, classification_loss
 
 GPU_TASKS = ("resnet18", "transformer")
 
@@ -111,13 +111,13 @@ def build_gpu_task(name: str, seed: int, device: torch.device, n_train: int = 81
         templates = F.interpolate(noise, size=32, mode="bilinear", align_corners=False)
         x_train, y_train = _pattern_images(n_train, templates, generator)
         x_test, y_test = _pattern_images(n_test, templates, generator)
-        return Task(name, x_train, y_train, x_test, y_test, resnet18, classification_loss, class_logits,
+        return Task(name, x_train, y_train, x_test, y_test, resnet18, classification_loss, "cross_entropy",
                     test_metric="accuracy", target_loss=0.1, target_test=0.9)
     if name == "transformer":
         vocab, length = 64, 32
         x_train = torch.randint(0, vocab, (n_train, length), generator=generator, device=device)
         x_test = torch.randint(0, vocab, (n_test, length), generator=generator, device=device)
         return Task(name, x_train, x_train.flip(1), x_test, x_test.flip(1),
-                    lambda: TinyTransformer(vocab, length), token_loss, class_logits,
+                    lambda: TinyTransformer(vocab, length), token_loss, "cross_entropy",
                     test_metric="accuracy", target_loss=0.1, target_test=0.95)
     raise ValueError(f"unknown GPU task {name!r}; choose from {', '.join(GPU_TASKS)}")

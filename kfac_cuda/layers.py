@@ -116,6 +116,9 @@ def adapter_for(name: str, module: nn.Module) -> Tuple[Optional[LayerAdapter], O
     """Return (adapter, None) for a supported module, (None, reason) for a module with
     parameters of its own that cannot be preconditioned, (None, None) for the rest."""
     own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+    if isinstance(module, nn.MultiheadAttention):
+        return None, ("nn.MultiheadAttention keeps its input projections as raw parameters and calls "
+                      "out_proj functionally (write attention with nn.Linear to precondition it)")
     if isinstance(module, nn.Linear):
         return LinearAdapter(name, module), None
     if isinstance(module, nn.Conv2d):

@@ -163,7 +163,10 @@ class Preconditioner:
             return any(s == name or s is module or (isinstance(s, type) and isinstance(module, s)) for s in skip)
 
         curvature_cls = CURVATURES[self.method]
+        attention = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
         for name, module in model.named_modules():
+            if any(name.startswith(a + ".") for a in attention):
+                continue  # e.g. out_proj: reported with its nn.MultiheadAttention
             if skipped(name, module):
                 if any(True for _ in module.parameters(recurse=False)):
                     self.unsupported.append((name, "skipped by skip_modules"))
@@ -251,7 +254,9 @@ class Preconditioner:
 
         Args:
             outputs: the model's outputs: logits (..., classes) for ``loss="cross_entropy"``,
-                predictions for ``loss="mse"`` (Gaussian with unit variance, loss 0.5*|y - f|^2).
+                independent Bernoulli logits (any shape) for ``loss="bernoulli"`` (BCE with
+                logits), predictions for ``loss="mse"`` (Gaussian with unit variance, loss
+                0.5*|y - f|^2).
         """
         if self.fisher != "mc":
             raise RuntimeError("sample_fisher needs Preconditioner(fisher='mc')")
@@ -263,11 +268,15 @@ class Preconditioner:
             with torch.no_grad():
                 targets = torch.multinomial(F.softmax(logits.float(), dim=-1), 1).squeeze(-1)
             sampled = F.cross_entropy(logits, targets, reduction="sum")
+        elif loss == "bernoulli":
+            with torch.no_grad():
+                targets = torch.bernoulli(torch.sigmoid(outputs.float())).to(outputs.dtype)
+            sampled = F.binary_cross_entropy_with_logits(outputs, targets, reduction="sum")
         elif loss == "mse":
             targets = outputs.detach() + torch.randn_like(outputs)
             sampled = 0.5 * (outputs - targets).square().sum()
         else:
-            raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {loss!r}")
+            raise ValueError(f"loss must be 'cross_entropy', 'bernoulli' or 'mse', got {loss!r}")
         grads = torch.autograd.grad(sampled, [p[2] for p in pairs], retain_graph=True, allow_unused=True)
         for p, g in zip(pairs, grads):
             p[1] = torch.zeros_like(p[2]) if g is None else g.detach()

@@ -294,3 +294,33 @@ def test_bf16_autocast_keeps_curvature_float32(method):
         for name, t in curvature.buffers.items():
             if t is not None:
                 assert t.dtype == torch.float32 and torch.isfinite(t).all(), name
+
+
+def test_mc_fisher_bernoulli_matches_diagonal_fisher():
+    """Independent Bernoulli outputs: E_y[g g^T] = diag(p (1 - p))."""
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(3, 4))
+    x = torch.randn(1, 3).repeat(20000, 1)
+    pre = kfac_cuda.Preconditioner(model, "kfac", fisher="mc", factor_decay=0.0, factor_update_steps=1)
+    out = model(x)
+    pre.sample_fisher(out, "bernoulli")
+    F.binary_cross_entropy_with_logits(out, torch.zeros_like(out)).backward()
+    pre.step()
+    p = torch.sigmoid(out[0].detach())
+    torch.testing.assert_close(pre.layers["0"][1].buffers["G"], torch.diag(p * (1 - p)), atol=0.01, rtol=0)
+
+
+def test_multihead_attention_reported_not_silently_skipped():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.ff = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.ff(self.attn(x, x, x)[0])
+
+    pre = kfac_cuda.Preconditioner(Block())
+    assert list(pre.layers) == ["ff"]
+    assert "MultiheadAttention" in dict(pre.unsupported)["attn"]
+    assert "attn.out_proj" not in pre.layers

@@ -36,10 +36,9 @@ class Task:
     """A supervised problem: tensors on the target device, a model factory and a loss.
 
     ``criterion(outputs, x, y)`` returns the batch-mean training loss of the model's
-    ``outputs`` on inputs ``x`` with labels ``y``. ``fisher_logits(outputs)`` gives the
-    logits of the model's predictive distribution (classes last) from which
-    :meth:`kfac_cuda.KFAC.sample_fisher` draws targets for the MC ("true") Fisher.
-    ``test_metric`` names the
+    ``outputs`` on inputs ``x`` with labels ``y``. ``fisher_loss`` names the model's predictive
+    distribution for :meth:`kfac_cuda.KFAC.sample_fisher`, which draws targets from it for
+    the MC ("true") Fisher (``"cross_entropy"`` or ``"bernoulli"``). ``test_metric`` names the
     number reported on the test set (``"accuracy"`` is higher-is-better, anything else
     is a loss, lower-is-better); ``target_loss`` and ``target_test`` are the default
     thresholds for "time to target".
@@ -52,7 +51,7 @@ class Task:
     y_test: torch.Tensor
     make_model: Callable[[], nn.Module]
     criterion: Criterion
-    fisher_logits: Callable[[torch.Tensor], torch.Tensor]
+    fisher_loss: str
     test_metric: str
     target_loss: float
     target_test: float
@@ -131,17 +130,6 @@ def reconstruction_loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) 
     return F.binary_cross_entropy_with_logits(logits, x.flatten(1), reduction="sum") / len(x)
 
 
-def bernoulli_as_two_class_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Per-pixel Bernoulli logits z as two-class logits [0, z] (softmax gives sigmoid(z)),
-    so a categorical sampler draws the pixels of the MC Fisher."""
-    return torch.stack([torch.zeros_like(logits), logits], dim=-1)
-
-
-def class_logits(logits: torch.Tensor) -> torch.Tensor:
-    """A classifier's outputs already are the logits of its predictive distribution."""
-    return logits
-
-
 def classification_loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the logits, mean over the batch."""
     del x
@@ -153,8 +141,8 @@ def build_task(name: str, seed: int, device: torch.device) -> Task:
     x_train, y_train, x_test, y_test = load_digits_split(seed, device)
     if name == "autoencoder":
         return Task(name, x_train, y_train, x_test, y_test, make_autoencoder, reconstruction_loss,
-                    bernoulli_as_two_class_logits, test_metric="test loss", target_loss=20.0, target_test=20.0)
+                    "bernoulli", test_metric="test loss", target_loss=20.0, target_test=20.0)
     if name == "classifier":
         return Task(name, x_train, y_train, x_test, y_test, make_cnn, classification_loss,
-                    class_logits, test_metric="accuracy", target_loss=0.05, target_test=0.95)
+                    "cross_entropy", test_metric="accuracy", target_loss=0.05, target_test=0.95)
     raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")

@@ -88,7 +88,7 @@ def train(task: Task, make_optimizer: MakeOptimizer, *, method: str, lr: float, 
     method starts from the same point and sees the same batches. A run whose training
     loss becomes non-finite stops early with ``diverged=True``. Optimizers of this package
     built with ``fisher="mc"`` get :meth:`~kfac_cuda.KFAC.sample_fisher` called with the
-    task's predictive logits before every backward pass.
+    task's predictive distribution before every backward pass.
     """
     device = task.x_train.device
     torch.manual_seed(seed)
@@ -122,7 +122,7 @@ def train(task: Task, make_optimizer: MakeOptimizer, *, method: str, lr: float, 
         optimizer.zero_grad(set_to_none=True)
         outputs = model(x)
         if mc_fisher:
-            optimizer.sample_fisher(task.fisher_logits(outputs), "cross_entropy")
+            optimizer.sample_fisher(outputs, task.fisher_loss)
         task.criterion(outputs, x, y).backward()
         optimizer.step()
         bar.update()
