@@ -1,6 +1,7 @@
-"""pytest-benchmark microbenchmarks: each fused kernel vs its PyTorch reference on the layer
-shapes of bench/kernel_cases.py (ResNet-18/CIFAR convs, ViT-B/GPT-2-small linears, 4096^2),
-fp32 and bf16 inputs. Skipped without a CUDA device and the compiled extension.
+"""pytest-benchmark microbenchmarks: each fused kernel vs its PyTorch reference on the cases
+of bench/kernel_table.py's CASE_MODULES (factor accumulation: n, d in {256, 1024, 4096};
+the other kernels: ResNet-18/CIFAR convs, ViT-B/GPT-2-small linears, 4096^2), fp32 and bf16
+inputs. Skipped without a CUDA device and the compiled extension.
 
     pytest bench/bench_kernels.py --benchmark-columns=median,iqr --benchmark-json=out/kernels.json
     pytest bench/bench_kernels.py -k "conv_factor and resnet18.layer1"
@@ -9,6 +10,7 @@ extra_info of every benchmark: flops, achieved TFLOP/s, peak extra memory of one
 (torch.cuda.max_memory_allocated above the inputs), and for the conv factor the bytes of the
 im2col buffer the reference materialises (the kernel: none).
 """
+import importlib
 import sys
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from kernel_cases import all_cases  # noqa: E402
+from kernel_table import CASE_MODULES  # noqa: E402
 
 from kfac_cuda import cuda_extension_available, cuda_extension_error  # noqa: E402
 
@@ -26,7 +28,7 @@ if not torch.cuda.is_available():
 if not cuda_extension_available():
     pytest.skip(f"CUDA extension unavailable: {cuda_extension_error()}", allow_module_level=True)
 
-CASES = all_cases()
+CASES = [case for module in CASE_MODULES.values() for case in importlib.import_module(module).all_cases()]
 
 
 def peak_extra_bytes(fn) -> int:

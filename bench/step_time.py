@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -30,16 +29,9 @@ import torch.nn.functional as F
 
 import kfac_cuda
 from e2e_gpu_tasks import TinyTransformer, resnet18
+from kernel_table import git_commit
 
 METHODS = ("KFAC", "EKFAC", "TKFAC", "TEKFAC")
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                               cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def timed(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
@@ -127,7 +119,7 @@ def main() -> None:
     args.models = args.models or (["gpt2"] if args.quick else ["resnet18", "gpt2"])
     repeats, window = (3, 20) if args.quick else (20, 200)
     record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "commit": commit(), "quick": args.quick, "results": {}}
+              "torch": torch.__version__, "commit": git_commit(), "quick": args.quick, "results": {}}
     for name in args.models:
         make_model, loss_fn = workload(name, args.quick, args.depth, device)
         opt_times = optimizer_step_times(make_model, loss_fn, device, repeats)
