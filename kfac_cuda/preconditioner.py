@@ -75,7 +75,7 @@ class Preconditioner:
         loss_reduction: "mean" (captured output gradients are multiplied by the batch size)
             or "sum".
         backend: "auto" | "torch" | "cuda" for the hot ops.
-        skip_modules: module names, types or instances left alone.
+        skip_modules: module names, types or instances left alone, with everything inside them.
         max_factor_dim: layers whose factor side exceeds this are skipped (listed).
         grad_scaler: the ``torch.amp.GradScaler`` scaling the loss, if any: captured output
             gradients are divided by its scale (call ``scaler.unscale_(optimizer)`` before
@@ -162,12 +162,17 @@ class Preconditioner:
         def skipped(name: str, module: nn.Module) -> bool:
             return any(s == name or s is module or (isinstance(s, type) and isinstance(module, s)) for s in skip)
 
+        def under(name: str, prefixes: List[str]) -> bool:
+            return any(p == "" or name.startswith(p + ".") for p in prefixes)
+
         curvature_cls = CURVATURES[self.method]
         attention = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+        skipped_trees: List[str] = []
         for name, module in model.named_modules():
-            if any(name.startswith(a + ".") for a in attention):
+            if under(name, attention):
                 continue  # e.g. out_proj: reported with its nn.MultiheadAttention
-            if skipped(name, module):
+            if under(name, skipped_trees) or skipped(name, module):
+                skipped_trees.append(name)
                 if any(True for _ in module.parameters(recurse=False)):
                     self.unsupported.append((name, "skipped by skip_modules"))
                 continue

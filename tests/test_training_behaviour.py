@@ -324,3 +324,12 @@ def test_multihead_attention_reported_not_silently_skipped():
     assert list(pre.layers) == ["ff"]
     assert "MultiheadAttention" in dict(pre.unsupported)["attn"]
     assert "attn.out_proj" not in pre.layers
+
+
+def test_skip_modules_covers_submodules():
+    model = nn.Sequential(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4)), nn.Linear(4, 2))
+    pre = kfac_cuda.Preconditioner(model, skip_modules=["0"])
+    assert list(pre.layers) == ["1"]
+    assert {n for n, _ in pre.unsupported} == {"0.0", "0.1"}
+    pre = kfac_cuda.Preconditioner(model, skip_modules=[nn.Sequential])
+    assert not pre.layers
