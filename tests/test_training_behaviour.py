@@ -175,7 +175,8 @@ def test_unsupported_layers_listed_and_trained_by_sgd():
 
 def test_max_factor_dim_and_skip_modules():
     model = nn.Sequential(nn.Linear(100, 4), nn.Linear(4, 2))
-    pre = kfac_cuda.Preconditioner(model, max_factor_dim=50, skip_modules=["1"])
+    with pytest.warns(RuntimeWarning, match="no supported layer"):
+        pre = kfac_cuda.Preconditioner(model, max_factor_dim=50, skip_modules=["1"])
     assert not pre.layers
     assert {n for n, _ in pre.unsupported} == {"0", "1"}
 
@@ -331,5 +332,6 @@ def test_skip_modules_covers_submodules():
     pre = kfac_cuda.Preconditioner(model, skip_modules=["0"])
     assert list(pre.layers) == ["1"]
     assert {n for n, _ in pre.unsupported} == {"0.0", "0.1"}
-    pre = kfac_cuda.Preconditioner(model, skip_modules=[nn.Sequential])
+    with pytest.warns(RuntimeWarning, match="no supported layer"):
+        pre = kfac_cuda.Preconditioner(model, skip_modules=[nn.Sequential])
     assert not pre.layers
