@@ -7,6 +7,10 @@ import torch
 
 # Cap on the split-K workspace (float32 elements): 2^26 floats = 256 MiB.
 MAX_SPLIT_WORKSPACE = 1 << 26
+# Activation / gradient dtypes the kernels read (accumulating in float32).
+KERNEL_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Largest matrix side a kernel takes: grid.y <= 65535 tiles of 64 rows.
+MAX_KERNEL_DIM = 65535 * 64
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,10 +16,9 @@ import torch.nn.functional as F
 
 from .._extension import extension
 from ._dispatch import select
-from ._launch import choose_splits, stream_handle
+from ._launch import KERNEL_INPUT_DTYPES, MAX_KERNEL_DIM, choose_splits, stream_handle
 from .factor_accumulate import accumulate_factor_reference
 
-_KERNEL_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MIN_ROWS_PER_SPLIT = 256
 
 
@@ -110,8 +109,8 @@ def _cuda_supports(A, x, weights, geometry) -> bool:
         return False
     return (
         A.dtype == torch.float32 and A.dim() == 2 and A.is_contiguous()
-        and x.dim() == 4 and x.dtype in _KERNEL_INPUT_DTYPES
-        and 1 <= A.shape[0] < 65535 * 64  # grid.y <= 65535 tiles of 64
+        and x.dim() == 4 and x.dtype in KERNEL_INPUT_DTYPES
+        and 1 <= A.shape[0] < MAX_KERNEL_DIM
         and _patch_rows(x, *(_pair(v) for v in geometry)) < 2**31  # row index fits an int
         and all(t.device == A.device for t in ([x] if weights is None else [x, weights]))
     )

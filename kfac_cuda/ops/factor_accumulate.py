@@ -15,8 +15,7 @@ import torch
 
 from .._extension import extension
 from ._dispatch import select
-
-_KERNEL_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from ._launch import KERNEL_INPUT_DTYPES, stream_handle
 
 
 def accumulate_factor_reference(
@@ -50,8 +49,7 @@ def accumulate_factor_cuda(
     Same contract as the reference; A float32, a float32/bfloat16/float16, weights float32,
     all C-contiguous on one device (the extension raises ValueError/TypeError otherwise).
     """
-    stream = torch.cuda.current_stream(A.device).cuda_stream
-    extension().factor_accumulate(A, a, weights, bool(bias), float(beta), float(alpha), stream)
+    extension().factor_accumulate(A, a, weights, bool(bias), float(beta), float(alpha), stream_handle(A.device))
     return A
 
 
@@ -60,7 +58,7 @@ def _cuda_supports(A: torch.Tensor, a: torch.Tensor, weights: Optional[torch.Ten
     tensors = (A, a) if weights is None else (A, a, weights)
     return (
         A.dtype == torch.float32
-        and a.dtype in _KERNEL_INPUT_DTYPES
+        and a.dtype in KERNEL_INPUT_DTYPES
         and (weights is None or weights.dtype == torch.float32)
         and all(t.is_cuda and t.device == A.device and t.is_contiguous() for t in tensors)
     )

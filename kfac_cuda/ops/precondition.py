@@ -15,9 +15,7 @@ import torch
 
 from .._extension import extension
 from ._dispatch import select
-from ._launch import stream_handle
-
-_MAX_KERNEL_DIM = 65535 * 64  # grid.y <= 65535 tiles of 64 rows
+from ._launch import MAX_KERNEL_DIM, stream_handle
 
 
 def precondition_reference(
@@ -73,7 +71,7 @@ def _cuda_supports(grad, QG, QA, scale, eig_g, eig_a) -> bool:
     return (
         grad.dim() == 2
         and grad.dtype in (torch.float32, torch.bfloat16)
-        and 1 <= min(grad.shape) and max(grad.shape) < _MAX_KERNEL_DIM
+        and 1 <= min(grad.shape) and max(grad.shape) < MAX_KERNEL_DIM
         and all(t.dtype == torch.float32 for t in [QG, *others])
         and all(t.device == QG.device for t in [grad, *others])
     )

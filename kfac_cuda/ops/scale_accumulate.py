@@ -15,11 +15,9 @@ import torch
 
 from .._extension import extension
 from ._dispatch import select
-from ._launch import choose_splits, stream_handle
+from ._launch import KERNEL_INPUT_DTYPES, MAX_KERNEL_DIM, choose_splits, stream_handle
 
 _CHUNK_ELEMENTS = 1 << 24  # per-example gradients materialised at once by the reference
-_KERNEL_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MAX_KERNEL_DIM = 65535 * 64  # grid.y <= 65535 tiles of 64 rows
 _MIN_ROWS_PER_SPLIT = 128
 
 
@@ -105,8 +103,8 @@ def _cuda_supports(S, g, a, QG, QA) -> bool:
     return (
         S.dtype == QG.dtype == QA.dtype == torch.float32
         and S.dim() == 2 and S.is_contiguous()
-        and 1 <= min(S.shape) and max(S.shape) < _MAX_KERNEL_DIM
-        and g.dtype in _KERNEL_INPUT_DTYPES and a.dtype in _KERNEL_INPUT_DTYPES
+        and 1 <= min(S.shape) and max(S.shape) < MAX_KERNEL_DIM
+        and g.dtype in KERNEL_INPUT_DTYPES and a.dtype in KERNEL_INPUT_DTYPES
         and g.dim() in (2, 3)
         and g[..., 0].numel() < 2**31
         and all(t.device == S.device for t in (g, a, QG, QA))
