@@ -401,10 +401,10 @@ class Preconditioner:
                      for n, (_, dot) in zip(ready, results))
             nu = torch.where(vg > 0, (self.kl_clip / vg.clamp_min(torch.finfo(vg.dtype).tiny)).sqrt().clamp(max=1.0),
                              torch.ones_like(vg))
-            for _, (U, _) in zip(ready, results):
-                U.mul_(nu)
+        else:
+            nu = None
         for n, (U, _) in zip(ready, results):
-            self.layers[n][0].set_grad_matrix(U)
+            self.layers[n][0].set_grad_matrix(U if nu is None else U.mul_(nu))
 
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
