@@ -21,27 +21,20 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .batch import SHARING, LayerBatch
+from .capture import CaptureHooks
+from .checkpoint import curvature_state, load_curvature_state
 from .comm import LocalComm, OutputSpec
-from .curvature import CURVATURES, KFACCurvature, ScaleMixin
-from .layers import Conv2dAdapter, LayerAdapter, adapter_for
+from .curvature import CURVATURES, ScaleMixin
+from .layers import Conv2dAdapter
 from .ops._dispatch import check_backend
+from .registration import Layers, register_layers, summary
+from .schedule import Due, Schedule
 
 METHODS = tuple(CURVATURES)
 MAX_EIGH_FAILURES = 3
 LrArg = Union[None, float, Callable[[nn.Parameter], float]]
-
-
-class _Capture:
-    """Forward inputs and the matching output gradients (or outputs, for MC Fisher)."""
-
-    def __init__(self) -> None:
-        self.pairs: List[list] = []  # [input, output_grad or None, output or None]
-
-    def clear(self) -> None:
-        self.pairs.clear()
 
 
 def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
@@ -148,108 +141,32 @@ class Preconditioner:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module  # layer names (and checkpoints) independent of the wrapper
         self.steps = 0
-
-        self.layers: Dict[str, Tuple[LayerAdapter, KFACCurvature]] = {}
-        self.unsupported: List[Tuple[str, str]] = []
-        self._captures: Dict[str, _Capture] = {}
-        self._handles = []
-        self._register(model, skip_modules, max_factor_dim)
-
-    # --- set-up -----------------------------------------------------------------------------
-    def _register(self, model: nn.Module, skip_modules: Iterable, max_factor_dim: int) -> None:
-        skip = list(skip_modules)
-
-        def skipped(name: str, module: nn.Module) -> bool:
-            return any(s == name or s is module or (isinstance(s, type) and isinstance(module, s)) for s in skip)
-
-        def under(name: str, prefixes: List[str]) -> bool:
-            return any(p == "" or name.startswith(p + ".") for p in prefixes)
-
-        curvature_cls = CURVATURES[self.method]
-        attention = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
-        skipped_trees: List[str] = []
-        for name, module in model.named_modules():
-            if under(name, attention):
-                continue  # e.g. out_proj: reported with its nn.MultiheadAttention
-            if under(name, skipped_trees) or skipped(name, module):
-                skipped_trees.append(name)
-                if any(True for _ in module.parameters(recurse=False)):
-                    self.unsupported.append((name, "skipped by skip_modules"))
-                continue
-            adapter, reason = adapter_for(name, module)
-            if adapter is None:
-                if reason:
-                    self.unsupported.append((name, reason))
-                continue
-            if not module.weight.requires_grad:
-                continue
-            side = max(adapter.d_in + int(adapter.has_bias), adapter.d_out)
-            if side > max_factor_dim:
-                self.unsupported.append((name, f"factor side {side} > max_factor_dim={max_factor_dim}"))
-                continue
-            dtype = torch.float64 if module.weight.dtype == torch.float64 else torch.float32
-            curvature = curvature_cls(adapter, dtype, module.weight.device, damping_style=self.damping_style)
-            self.layers[name] = (adapter, curvature)
-            self._captures[name] = _Capture()
-            self._handles.append(module.register_forward_hook(self._make_hook(name)))
-        if not self.layers:
-            warnings.warn("kfac_cuda: the model has no supported layer (nn.Linear, nn.Conv2d)", RuntimeWarning)
+        self.schedule = Schedule(self.factor_update_steps, self.inv_update_steps, self.scale_update_steps,
+                                 issubclass(CURVATURES[self.method], ScaleMixin))
+        self.layers: Layers
+        self.unsupported: List[Tuple[str, str]]
+        self.layers, self.unsupported = register_layers(
+            model, CURVATURES[self.method], skip_modules=skip_modules, max_factor_dim=max_factor_dim,
+            damping_style=self.damping_style)
+        self.hooks = CaptureHooks({n: a for n, (a, _) in self.layers.items()}, lambda: self.capturing,
+                                  self.fisher, self.loss_reduction)
 
     def remove(self) -> None:
         """Remove the module hooks."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self.hooks.remove()
 
     def summary(self) -> str:
         """A table of the preconditioned layers and of those left to the plain optimizer."""
-        lines = [f"kfac_cuda.Preconditioner(method={self.method!r}): {len(self.layers)} layers preconditioned"]
-        for name, (adapter, _) in self.layers.items():
-            lines.append(f"  + {name or '<model>'}: {type(adapter.module).__name__} "
-                         f"{adapter.d_out}x{adapter.d_in}{' +bias' if adapter.has_bias else ''}")
-        for name, reason in self.unsupported:
-            lines.append(f"  - {name or '<model>'}: not preconditioned ({reason})")
-        return "\n".join(lines)
+        return summary(self.method, self.layers, self.unsupported)
 
-    # --- schedule -----------------------------------------------------------------------------
-    def _due(self) -> Tuple[bool, bool, bool]:
+    def _due(self) -> Due:
         """(factors, bases, scales) due at the current step."""
-        s = self.steps
-        bases = s % self.inv_update_steps == 0
-        factors = bases or s % self.factor_update_steps == 0
-        scales = issubclass(CURVATURES[self.method], ScaleMixin) and (bases or s % self.scale_update_steps == 0)
-        return factors, bases, scales
+        return self.schedule.due(self.steps)
 
     @property
     def capturing(self) -> bool:
         """Whether the hooks capture on the current step."""
-        factors, _, scales = self._due()
-        return factors or scales
-
-    # --- hooks --------------------------------------------------------------------------------
-    def _make_hook(self, name: str):
-        capture = self._captures[name]
-
-        def hook(module: nn.Module, inputs, output) -> None:
-            if not (self.capturing and torch.is_grad_enabled() and isinstance(output, torch.Tensor)
-                    and output.requires_grad):
-                return
-            if torch._C._functorch.is_functorch_wrapped_tensor(inputs[0]):
-                return  # a torch.func transform (vmap/grad) of the model, not a training step
-            x = inputs[0].detach()
-            pair = [x, None, None]
-            capture.pairs.append(pair)
-            if self.fisher == "mc":
-                pair[2] = output
-                return
-            scale = LayerAdapter.batch_size(x) if self.loss_reduction == "mean" else 1
-
-            def grad_hook(g: torch.Tensor) -> None:
-                pair[1] = g.detach() * scale
-
-            output.register_hook(grad_hook)
-
-        return hook
+        return self._due().capture
 
     def sample_fisher(self, outputs: torch.Tensor, loss: str = "cross_entropy") -> None:
         """MC ("true") Fisher: sample targets from the model's predictive distribution and
@@ -263,49 +180,16 @@ class Preconditioner:
                 logits), predictions for ``loss="mse"`` (Gaussian with unit variance, loss
                 0.5*|y - f|^2).
         """
-        if self.fisher != "mc":
-            raise RuntimeError("sample_fisher needs Preconditioner(fisher='mc')")
-        pairs = [p for c in self._captures.values() for p in c.pairs if p[2] is not None and p[1] is None]
-        if not pairs:
-            return
-        if loss == "cross_entropy":
-            logits = outputs.reshape(-1, outputs.shape[-1])
-            with torch.no_grad():
-                targets = torch.multinomial(F.softmax(logits.float(), dim=-1), 1).squeeze(-1)
-            sampled = F.cross_entropy(logits, targets, reduction="sum")
-        elif loss == "bernoulli":
-            with torch.no_grad():
-                targets = torch.bernoulli(torch.sigmoid(outputs.float())).to(outputs.dtype)
-            sampled = F.binary_cross_entropy_with_logits(outputs, targets, reduction="sum")
-        elif loss == "mse":
-            targets = outputs.detach() + torch.randn_like(outputs)
-            sampled = 0.5 * (outputs - targets).square().sum()
-        else:
-            raise ValueError(f"loss must be 'cross_entropy', 'bernoulli' or 'mse', got {loss!r}")
-        grads = torch.autograd.grad(sampled, [p[2] for p in pairs], retain_graph=True, allow_unused=True)
-        for p, g in zip(pairs, grads):
-            p[1] = torch.zeros_like(p[2]) if g is None else g.detach()
-            p[2] = None
+        self.hooks.sample_fisher(outputs, loss)
 
     # --- the step ---------------------------------------------------------------------------
     def _batches(self, names: Sequence[str]) -> Dict[str, LayerBatch]:
-        out = {}
-        for name in names:
-            adapter, curvature = self.layers[name]
-            captured = self._captures[name].pairs
-            pairs = [p for p in captured if p[1] is not None]
-            if captured and not pairs and self.fisher == "mc":
-                raise RuntimeError(f"kfac_cuda: layer {name!r} has no sampled output gradients: with "
-                                   "fisher='mc' call sample_fisher(outputs) before loss.backward()")
-            if not pairs:  # the layer did not take part in this step's forward/backward
-                continue
-            x = torch.cat([p[0] for p in pairs]) if len(pairs) > 1 else pairs[0][0]
-            g = torch.cat([p[1] for p in pairs]) if len(pairs) > 1 else pairs[0][1]
-            if self.grad_scaler is not None and self.grad_scaler.is_enabled():
-                g = g / self.grad_scaler.get_scale()
-            out[name] = LayerBatch(adapter, x, g, sharing=self.weight_sharing, backend=self.backend,
-                                   dtype=curvature.buffers["A"].dtype)
-        return out
+        scaler = self.grad_scaler
+        return self.hooks.batches({n: a for n, (a, _) in self.layers.items()}, names,
+                                  sharing=self.weight_sharing, backend=self.backend,
+                                  dtypes={n: c.buffers["A"].dtype for n, (_, c) in self.layers.items()},
+                                  grad_scale=scaler.get_scale() if scaler is not None and scaler.is_enabled()
+                                  else None)
 
     def _lr_of(self, param: nn.Parameter, lr: LrArg) -> float:
         lr = self.lr if lr is None else lr
@@ -364,8 +248,7 @@ class Preconditioner:
             self.steps += 1
             return True
         finally:
-            for c in self._captures.values():
-                c.clear()
+            self.hooks.clear()
 
     @staticmethod
     def _all_finite(grads: Dict[str, torch.Tensor], batches: Dict[str, LayerBatch]) -> bool:
@@ -409,15 +292,7 @@ class Preconditioner:
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to resume exactly: factors, bases, scales and counters."""
-        return {"method": self.method, "steps": self.steps,
-                "layers": {n: c.state_dict() for n, (_, c) in self.layers.items()}}
+        return curvature_state(self.method, self.steps, {n: c for n, (_, c) in self.layers.items()})
 
     def load_state_dict(self, state: dict) -> None:
-        if state["method"] != self.method:
-            raise ValueError(f"checkpoint is for method {state['method']!r}, not {self.method!r}")
-        missing = set(self.layers) ^ set(state["layers"])
-        if missing:
-            raise KeyError(f"checkpoint layers differ from the model's: {sorted(missing)}")
-        for n, s in state["layers"].items():
-            self.layers[n][1].load_state_dict(s)
-        self.steps = int(state["steps"])
+        self.steps = load_curvature_state(self.method, {n: c for n, (_, c) in self.layers.items()}, state)
