@@ -4,8 +4,9 @@ from ._extension import cuda_extension_available, cuda_extension_error
 from .distributed import DistributedComm
 from .optimizers import EKFAC, KFAC, TEKFAC, TKFAC
 from .preconditioner import METHODS, Preconditioner
+from .quadratic_model import QuadraticModel
 
 __version__ = "0.1.0"
 
-__all__ = ["KFAC", "EKFAC", "TKFAC", "TEKFAC", "Preconditioner", "METHODS", "DistributedComm",
+__all__ = ["KFAC", "EKFAC", "TKFAC", "TEKFAC", "Preconditioner", "QuadraticModel", "METHODS", "DistributedComm",
            "cuda_extension_available", "cuda_extension_error", "__version__"]

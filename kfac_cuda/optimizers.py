@@ -16,7 +16,9 @@ import torch
 import torch.nn as nn
 from torch.optim import Optimizer
 
+from .adaptive_step import check_supported, martens_grosse_step
 from .preconditioner import Preconditioner
+from .quadratic_model import QuadraticModel
 
 
 class _KroneckerOptimizer(Optimizer):
@@ -30,13 +32,17 @@ class _KroneckerOptimizer(Optimizer):
         weight_decay: float = 0.0,
         *,
         kl_clip: Optional[float] = 1e-3,
+        quadratic_model: Optional[QuadraticModel] = None,
         params=None,
         **options: Any,
     ):
         """Args:
             model: the model to train; its Linear/Conv2d layers are preconditioned.
             lr, momentum, weight_decay: the SGD update applied to the preconditioned gradient.
-            kl_clip: KL-clipping radius (None disables).
+            kl_clip: KL-clipping radius (None disables; must be None with ``quadratic_model``).
+            quadratic_model: a :class:`kfac_cuda.QuadraticModel` to take Martens & Grosse's step
+                (learning rate, momentum and Levenberg-Marquardt damping from the exact quadratic
+                model; needs ``step(closure)``; see kfac_cuda/adaptive_step.py), or None.
             params: parameters or param groups (default: ``model.parameters()``).
             **options: passed to :class:`kfac_cuda.Preconditioner` (damping, factor_decay,
                 factor_update_steps, inv_update_steps, scale_update_steps, damping_style,
@@ -46,7 +52,11 @@ class _KroneckerOptimizer(Optimizer):
             raise ValueError(f"lr, momentum and weight_decay must be >= 0 (got {lr}, {momentum}, {weight_decay})")
         super().__init__(model.parameters() if params is None else params,
                          dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        if quadratic_model is not None:
+            check_supported(quadratic_model, kl_clip, options.get("comm"))
         self.preconditioner = Preconditioner(model, self.method, kl_clip=kl_clip, **options)
+        self.quadratic_model = quadratic_model
+        self._model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
     def _lr_of(self, param: nn.Parameter) -> float:
         for group in self.param_groups:
@@ -64,7 +74,10 @@ class _KroneckerOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
         """Precondition, then take the momentum-SGD step. A step whose gradients or captured
-        activations are not finite changes nothing (parameters, momentum, curvature)."""
+        activations are not finite changes nothing (parameters, momentum, curvature).
+        With ``quadratic_model`` the closure is required and the step is Martens & Grosse's."""
+        if self.quadratic_model is not None:
+            return martens_grosse_step(self, self._model, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():

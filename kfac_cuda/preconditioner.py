@@ -17,7 +17,8 @@ Hooks capture inputs and output gradients only on steps that update factors or s
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -141,6 +142,7 @@ class Preconditioner:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module  # layer names (and checkpoints) independent of the wrapper
         self.steps = 0
+        self._paused = False
         self.schedule = Schedule(self.factor_update_steps, self.inv_update_steps, self.scale_update_steps,
                                  issubclass(CURVATURES[self.method], ScaleMixin))
         self.layers: Layers
@@ -166,7 +168,16 @@ class Preconditioner:
     @property
     def capturing(self) -> bool:
         """Whether the hooks capture on the current step."""
-        return self._due().capture
+        return not self._paused and self._due().capture
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Capture nothing inside the block (the quadratic model's extra passes over the batch)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def sample_fisher(self, outputs: torch.Tensor, loss: str = "cross_entropy") -> None:
         """MC ("true") Fisher: sample targets from the model's predictive distribution and
