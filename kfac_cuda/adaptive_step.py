@@ -10,13 +10,16 @@ One step:
 3. on adaptation steps, the exact GGN Gram matrix of (Delta, delta) on the same inputs
    (two forward-mode passes), and alpha, mu from the quadratic model;
 4. theta <- theta + v, v = alpha Delta + mu delta, and v is kept as the next step's delta;
-5. on damping steps, the closure runs once more at theta + v (capture paused; it leaves the
+5. an update that is not finite (say, a direction that overflowed at a tiny lambda) changes no
+   parameter: the step warns and raises lambda as for rho < 1/4;
+6. on damping steps, the closure runs once more at theta + v (capture paused; it leaves the
    gradient at theta + v in ``.grad``), rho is formed and lambda updated.
 A fixed learning rate or momentum is the param group's (so per-group rates are honoured then);
 an adapted one is a single scalar for the whole model, as in the paper.
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -122,6 +125,14 @@ def martens_grosse_step(optimizer, model: nn.Module, closure: Optional[Callable[
         coefficients = tuple(1.0 if f is not None else (state["alpha"] if i == 0 else (state["mu"] or 0.0))
                              for i, f in enumerate(fixed))
     update = [sum(c * v[i] for c, v in zip(coefficients, vectors)) for i in range(len(entries))]
+    if not all(bool(torch.isfinite(u).all()) for u in update):
+        # e.g. a direction that overflowed at a tiny lambda: change no parameter, raise lambda
+        state["damping"] = updated_damping(damping, float("nan"), options) if options.damping else damping
+        pre.damping = state["damping"]
+        state.update(step=step + 1, alpha=None, mu=None)  # re-solve alpha, mu at the next step
+        warnings.warn(f"kfac_cuda: non-finite update at quadratic-model step {step} (damping {damping:.3g}); "
+                      f"parameters left unchanged, damping now {state['damping']:.3g}", RuntimeWarning)
+        return loss
     l2_change = sum(g["weight_decay"] * (_dot([p], [u]) + 0.5 * _dot([u], [u])) for (g, p), u in zip(entries, update))
     for (_, p), u in zip(entries, update):
         p.add_(u)

@@ -186,3 +186,19 @@ def test_misuse_is_refused_clearly() -> None:
     with pytest.raises(RuntimeError, match="did not call the model"):
         opt.step(closure_without_model)
     assert torch.equal(flat_params(model), before)
+
+
+def test_non_finite_update_changes_nothing_and_raises_the_damping() -> None:
+    """lambda = 0 with a dead input feature: the eigen inverse divides 0 by 0 there."""
+    model, x = problem()
+    x[:, 0] = 0.0
+    opt = kfac_cuda.KFAC(model, lr=0.1, kl_clip=None, damping=0.0, factor_update_steps=1, inv_update_steps=1,
+                         quadratic_model=QuadraticModel(loss="bernoulli", damping_decay=0.5, min_damping=0.0))
+    before = flat_params(model)
+    with pytest.warns(RuntimeWarning, match="non-finite update"):
+        opt.step(closure_for(opt, model, x))
+    assert torch.equal(flat_params(model), before)
+    assert opt.state["quadratic_model"]["damping"] == 0.0  # 0 / 0.5, clipped at min_damping 0
+    opt.preconditioner.damping = opt.state["quadratic_model"]["damping"] = 1e-3
+    opt.step(closure_for(opt, model, x))  # a finite damping takes a finite step again
+    assert torch.isfinite(flat_params(model)).all() and not torch.equal(flat_params(model), before)
