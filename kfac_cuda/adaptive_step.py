@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from .comm import LocalComm
+from .preconditioner import default_comm
 from .curvature_products import ggn_gram_matrix
 from .quadratic_model import QuadraticModel, model_change, solve_coefficients, updated_damping
 
@@ -55,15 +56,27 @@ def recording_inputs(model: nn.Module) -> Iterator[_LastCall]:
         handle.remove()
 
 
-def check_supported(quadratic_model: QuadraticModel, kl_clip: Optional[float], comm: Optional[LocalComm]) -> None:
-    """Refuse what the quadratic model cannot do, before the optimizer is built."""
+def check_supported(quadratic_model: QuadraticModel, kl_clip: Optional[float], options: Dict[str, Any]) -> None:
+    """Refuse what the quadratic model cannot do, before the optimizer is built.
+
+    Args:
+        options: the Preconditioner options the optimizer was given.
+    """
     if not isinstance(quadratic_model, QuadraticModel):
         raise TypeError(f"quadratic_model must be a kfac_cuda.QuadraticModel, got {type(quadratic_model).__name__}")
     if kl_clip is not None:
         raise ValueError("quadratic_model chooses the step size itself: pass kl_clip=None")
-    if comm is not None and type(comm) is not LocalComm:
+    comm = options.get("comm")
+    if type(comm if comm is not None else default_comm()) is not LocalComm:
         raise ValueError("quadratic_model is single-process only: its GGN products and rho would use "
                          "the local batch while the gradients are averaged over ranks")
+    reduction = options.get("loss_reduction", "mean")
+    if reduction != quadratic_model.loss_reduction:
+        raise ValueError(f"loss_reduction={reduction!r} but QuadraticModel.loss_reduction="
+                         f"{quadratic_model.loss_reduction!r}: both describe the same loss")
+    if options.get("loss_terms", "examples") != "examples":
+        raise ValueError("quadratic_model supports loss_terms='examples' only (its loss is divided by the "
+                         "batch size, not by the number of tokens)")
 
 
 def _dot(xs: List[torch.Tensor], ys: List[torch.Tensor]) -> float:

@@ -164,6 +164,12 @@ def test_misuse_is_refused_clearly() -> None:
     model, x = problem()
     with pytest.raises(ValueError, match="pass kl_clip=None"):
         kfac_cuda.KFAC(model, quadratic_model=QuadraticModel(loss="mse"))
+    with pytest.raises(ValueError, match="both describe the same loss"):
+        kfac_cuda.KFAC(model, kl_clip=None, loss_reduction="sum", quadratic_model=QuadraticModel(loss="mse"))
+    with pytest.raises(ValueError, match="single-process only"):
+        # a DistributedComm needs an initialised process group; its type is all the check reads
+        kfac_cuda.KFAC(model, kl_clip=None, comm=object.__new__(kfac_cuda.DistributedComm),
+                       quadratic_model=QuadraticModel(loss="mse"))
     with pytest.raises(TypeError, match="kfac_cuda.QuadraticModel"):
         kfac_cuda.KFAC(model, kl_clip=None, quadratic_model={"loss": "mse"})
     for bad, message in [(dict(loss="hinge"), "loss must be one of"), (dict(loss="mse", interval=0), "interval"),
