@@ -16,7 +16,7 @@ from .tasks import TASKS, build_task
 from .train import RunResult, train
 
 #: Steps per task when ``--steps`` is not given (all methods, all tasks: a few minutes on 2 CPU cores).
-DEFAULT_STEPS = {"autoencoder": 600, "classifier": 300, "curves": 400}
+DEFAULT_STEPS = {"autoencoder": 600, "classifier": 300, "curves": 300}
 #: Methods per task when ``--methods`` is not given: Martens & Grosse's full algorithm (kfac-mg,
 #: tekfac-mg) on the deep autoencoder it was made for (on the digits CNN at batch 64 tekfac-mg
 #: diverges after ~230 steps: the quadratic model's momentum explodes once lambda is ~3e-4).

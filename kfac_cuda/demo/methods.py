@@ -50,7 +50,7 @@ KFAC_OPTIONS: Dict[str, Any] = dict(momentum=0.9, damping=0.1, factor_decay=0.95
 #: The full Martens-Grosse algorithm (quadratic-model learning rate and momentum, Levenberg-
 #: Marquardt damping every 5 steps with omega = (19/20)^5, MC Fisher, factors every step, bases
 #: every 20 steps as the paper's T_3); the initial damping is tuned per task (see bench/deep_autoencoder.py).
-MARTENS_GROSSE_OPTIONS: Dict[str, Any] = dict(momentum=0.0, damping=10.0, factor_decay=0.95,
+MARTENS_GROSSE_OPTIONS: Dict[str, Any] = dict(momentum=0.0, damping=1.0, factor_decay=0.95,
                                               factor_update_steps=1, inv_update_steps=20, kl_clip=None,
                                               fisher="mc")
 
@@ -90,7 +90,7 @@ DEFAULT_LR: Dict[str, Dict[str, float]] = {
                     "kfac-mg": 0.0, "tekfac-mg": 0.0},
     "classifier": {"sgd": 0.1, "adamw": 1e-2, "kfac": 0.03, "ekfac": 0.3, "tkfac": 0.03, "tekfac": 0.1,
                    "kfac-mg": 0.0, "tekfac-mg": 0.0},
-    "curves": {"sgd": 0.01, "adamw": 3e-3, "kfac": 0.1, "ekfac": 0.1, "tkfac": 0.1, "tekfac": 0.1,
+    "curves": {"sgd": 0.003, "adamw": 1e-3, "kfac": 0.1, "ekfac": 0.1, "tkfac": 0.1, "tekfac": 0.1,
                "kfac-mg": 0.0, "tekfac-mg": 0.0},
 }
 
