@@ -126,6 +126,7 @@ class CaptureHooks:
     # --- hooks ---------------------------------------------------------------------------
     @staticmethod
     def _root_hook(ref: weakref.ref, starting: bool):
+        @torch._dynamo.disable
         def hook(*_) -> None:
             hooks = ref()
             if hooks is not None:
@@ -135,6 +136,7 @@ class CaptureHooks:
 
     @staticmethod
     def _layer_hook(ref: weakref.ref, name: str):
+        @torch._dynamo.disable
         def hook(module: nn.Module, inputs, output) -> None:
             hooks = ref()
             if hooks is not None:

@@ -439,3 +439,71 @@ def test_conv2d_padding_same_with_even_kernel_is_refused_clearly():
     pre = kfac_cuda.Preconditioner(model)
     assert list(pre.layers) == ["2"]
     assert "asymmetrically" in dict(pre.unsupported)["0"]
+
+
+# --- torch.compile ----------------------------------------------------------------------------------------------
+def test_compiled_model_names_checkpoints_and_no_recompiles():
+    """Layer names as in the eager model, checkpoints interchangeable, the same steps, and no
+    recompilation caused by the hooks while capture switches on and off with the schedule."""
+    torch._dynamo.reset()
+    eager, compiled_inner = mlp(), mlp()
+    compiled = torch.compile(compiled_inner, backend="eager")
+    options = dict(OPTIONS, factor_update_steps=2, inv_update_steps=4)
+    opt_eager, opt_compiled = kfac_cuda.EKFAC(eager, **options), kfac_cuda.EKFAC(compiled, **options)
+    assert list(opt_compiled.preconditioner.layers) == list(opt_eager.preconditioner.layers) == ["0", "2"]
+    batches = data(8)
+
+    def run(model, opt, steps):
+        for x, y in steps:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    run(eager, opt_eager, batches[:4])
+    run(compiled, opt_compiled, batches[:1])  # the first call compiles
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run(compiled, opt_compiled, batches[1:4])
+    torch.testing.assert_close(flat(compiled_inner), flat(eager), rtol=1e-6, atol=1e-7)
+    # an eager checkpoint resumes in the compiled model and vice versa
+    resumed_compiled, resumed_eager = mlp(), mlp()
+    compiled_again = torch.compile(resumed_compiled, backend="eager")
+    opt_rc, opt_re = kfac_cuda.EKFAC(compiled_again, **options), kfac_cuda.EKFAC(resumed_eager, **options)
+    resumed_compiled.load_state_dict(eager.state_dict())
+    opt_rc.load_state_dict(copy.deepcopy(opt_eager.state_dict()))
+    resumed_eager.load_state_dict(compiled_inner.state_dict())
+    opt_re.load_state_dict(copy.deepcopy(opt_compiled.state_dict()))
+    for model, opt in ((eager, opt_eager), (resumed_eager, opt_re), (compiled_again, opt_rc)):
+        run(model, opt, batches[4:])
+    torch.testing.assert_close(flat(resumed_compiled), flat(eager), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(flat(resumed_eager), flat(eager), rtol=1e-6, atol=1e-7)
+    torch._dynamo.reset()
+
+
+def test_hf_gpt2_conv1d_layers_preconditioned_and_tied_head_left_to_sgd(float64_default):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2,
+                                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(16)
+    model = transformers.GPT2LMHeadModel(config).double()
+    opt = kfac_cuda.KFAC(model, lr=0.1, momentum=0.9, factor_decay=0.0, factor_update_steps=1, backend="torch")
+    assert set(opt.preconditioner.layers) == {f"transformer.h.0.{m}" for m in
+                                             ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert "transformer.wte.weight: tied (transformer.wte, lm_head)" in opt.summary()
+    ids = torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(17))
+    seen = {}
+
+    def keep(module, inputs, out):
+        out.retain_grad()
+        seen["x"], seen["out"] = inputs[0].detach(), out
+
+    hook = model.transformer.h[0].mlp.c_fc.register_forward_hook(keep)
+    model(ids, labels=ids).loss.backward()
+    hook.remove()
+    wte, wte_grad = model.transformer.wte.weight.detach().clone(), model.transformer.wte.weight.grad.clone()
+    opt.step()
+    a = with_ones(seen["x"]).reshape(-1, 9)
+    g = seen["out"].grad.reshape(-1, 32) * 3  # per-example (the loss is a mean over the 3 sequences' tokens)
+    buf = opt.preconditioner.layers["transformer.h.0.mlp.c_fc"][1].buffers
+    torch.testing.assert_close(buf["A"], a.t() @ a / 18)
+    torch.testing.assert_close(buf["G"], g.t() @ g / 3)
+    torch.testing.assert_close(model.transformer.wte.weight, wte - 0.1 * wte_grad)
