@@ -10,7 +10,9 @@ What counts (checked by tests/test_training_loops.py):
 - Every forward pass of the root model that reached a backward before ``step()`` is part of
   the step's batch (gradient accumulation: k micro-batches, each loss divided by k): the
   per-example scaling of a mean-reduced loss multiplies by the number of examples of the
-  whole step, so k micro-batches give the curvature of their concatenated batch.
+  whole step, so k micro-batches give the curvature of their concatenated batch. A layer
+  called outside a forward pass of the root model (a training loop that calls submodules)
+  counts its own calls as the forward passes.
 - With ``fisher="mc"`` only gradients of ``sample_fisher``'s sampled loss are recorded: a
   layer output outside the graph of the given outputs receives none and is not counted.
 - The hooks hold the CaptureHooks (and so the Preconditioner) only weakly: a Preconditioner
@@ -68,6 +70,7 @@ class CaptureHooks:
         self._forward: Optional[int] = None  # id of the root forward pass in progress
         self._examples: Dict[int, int] = {}  # forward id -> examples (tokens) in it
         self._used: Set[int] = set()  # forward ids whose gradients arrived
+        self._orphans: Dict[int, str] = {}  # forward id of a layer call outside a root forward -> layer
         self.captures: Dict[str, Dict[int, List[Call]]] = {name: {} for name in adapters}
         self._unsampled: Set[str] = set()  # MC: layers that got a training backward
         self._sampling = False
@@ -121,6 +124,7 @@ class CaptureHooks:
             c.clear()
         self._examples.clear()
         self._used.clear()
+        self._orphans.clear()
         self._unsampled.clear()
 
     # --- hooks ---------------------------------------------------------------------------
@@ -151,7 +155,10 @@ class CaptureHooks:
         if torch._C._functorch.is_functorch_wrapped_tensor(inputs[0]):
             return  # a torch.func transform (vmap/grad) of the model, not a training step
         x = inputs[0].detach()
-        forward = self._forward if self._forward is not None else next(self._ids)  # a call outside the root
+        forward = self._forward
+        if forward is None:  # a call outside a forward pass of the root model
+            forward = next(self._ids)
+            self._orphans[forward] = name
         if forward not in self._examples:
             self._examples[forward] = x[..., 0].numel() if self.per_token else self.adapters[name].batch_size(x)
         ref = weakref.ref(self)
@@ -203,10 +210,10 @@ class CaptureHooks:
             self._sampling = False
 
     # --- the step's batches ----------------------------------------------------------------
-    @property
-    def examples(self) -> int:
-        """Examples (tokens, per token) of the forward passes that reached a backward since the last step."""
-        return sum(self._examples[f] for f in self._used)
+    def examples(self, name: str) -> int:
+        """Examples (tokens, per token) of the forward passes that reached a backward since the last
+        step, as seen by layer ``name``: the root model's, plus the layer's own calls outside them."""
+        return sum(self._examples[f] for f in self._used if self._orphans.get(f, name) == name)
 
     def batches(self, names: Sequence[str], *, sharing: str, backend: str, dtypes: Dict[str, torch.dtype],
                 grad_scale=None) -> Dict[str, LayerBatch]:
@@ -215,11 +222,11 @@ class CaptureHooks:
         Args:
             grad_scale: the GradScaler's current scale to divide the output gradients by, or None.
         """
-        examples = self.examples
-        per_example = examples if self.fisher == "empirical" and self.loss_reduction == "mean" else 1
-        factor = per_example / grad_scale if grad_scale is not None else per_example
         out = {}
         for name in names:
+            examples = self.examples(name)
+            per_example = examples if self.fisher == "empirical" and self.loss_reduction == "mean" else 1
+            factor = per_example / grad_scale if grad_scale is not None else per_example
             captured = self.captures[name]
             if not captured:
                 if name in self._unsampled:

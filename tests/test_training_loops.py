@@ -89,6 +89,43 @@ def test_accumulated_factors_equal_explicit_definition(float64_default):
     torch.testing.assert_close(pre.layers["0"][1].buffers["G"], per_example_g.t() @ per_example_g / 10)
 
 
+def test_accumulation_with_submodules_called_directly(float64_default):
+    """A loop that calls the model's submodules itself (no forward of the model given to the
+    optimizer): each layer counts its own calls, and k micro-batches still equal the whole batch."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    parts, whole = copy.deepcopy(seq), copy.deepcopy(seq)
+    opt_parts, opt_whole = kfac_cuda.TEKFAC(parts, **OPTIONS), kfac_cuda.TEKFAC(whole, **OPTIONS)
+    for x, y in data(3):
+        opt_whole.zero_grad()
+        F.cross_entropy(whole(x), y).backward()
+        opt_whole.step()
+        opt_parts.zero_grad()
+        for xs, ys in zip(x.chunk(2), y.chunk(2)):
+            (F.cross_entropy(parts[2](parts[1](parts[0](xs))), ys) / 2).backward()
+        opt_parts.step()
+    torch.testing.assert_close(flat(parts), flat(whole), rtol=1e-10, atol=1e-12)
+
+
+def test_layer_called_on_different_numbers_of_examples_is_refused_before_any_change():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.lin(x).sum() + self.lin(x[:2]).sum()
+
+    model = Odd()
+    opt = kfac_cuda.KFAC(model, **OPTIONS)
+    model(torch.randn(5, 4)).backward()
+    weight = model.lin.weight.detach().clone()
+    with pytest.raises(ValueError, match="'lin' was called on different numbers of examples"):
+        opt.step()
+    assert torch.equal(model.lin.weight, weight) and opt.preconditioner.steps == 0
+    assert not opt.preconditioner.layers["lin"][1].factors_initialized
+
+
 # --- forward passes between steps ----------------------------------------------------------------------
 def test_eval_forwards_with_grad_do_not_change_the_mc_fisher():
     """Validation/logging forwards with grad enabled, never followed by a backward, count for nothing."""
