@@ -10,9 +10,10 @@ What counts (checked by tests/test_training_loops.py):
 - Every forward pass of the root model that reached a backward before ``step()`` is part of
   the step's batch (gradient accumulation: k micro-batches, each loss divided by k): the
   per-example scaling of a mean-reduced loss multiplies by the number of examples of the
-  whole step, so k micro-batches give the curvature of their concatenated batch. A layer
-  called outside a forward pass of the root model (a training loop that calls submodules)
-  counts its own calls as the forward passes.
+  whole step, so k micro-batches give the curvature of their concatenated batch. Layer calls
+  outside a forward pass of the root model (a loop that calls submodules itself, or the
+  recomputation of reentrant activation checkpointing) add rows but count examples only where
+  no forward pass of the root model reached a backward: then each layer counts its own calls.
 - With ``fisher="mc"`` only gradients of ``sample_fisher``'s sampled loss are recorded: a
   layer output outside the graph of the given outputs receives none and is not counted.
 - The hooks hold the CaptureHooks (and so the Preconditioner) only weakly: a Preconditioner
@@ -212,8 +213,9 @@ class CaptureHooks:
     # --- the step's batches ----------------------------------------------------------------
     def examples(self, name: str) -> int:
         """Examples (tokens, per token) of the forward passes that reached a backward since the last
-        step, as seen by layer ``name``: the root model's, plus the layer's own calls outside them."""
-        return sum(self._examples[f] for f in self._used if self._orphans.get(f, name) == name)
+        step: the root model's, or where there are none, layer ``name``'s own calls."""
+        rooted = sum(self._examples[f] for f in self._used if f not in self._orphans)
+        return rooted or sum(self._examples[f] for f in self._used if self._orphans[f] == name)
 
     def batches(self, names: Sequence[str], *, sharing: str, backend: str, dtypes: Dict[str, torch.dtype],
                 grad_scale=None) -> Dict[str, LayerBatch]:

@@ -107,6 +107,36 @@ def test_accumulation_with_submodules_called_directly(float64_default):
     torch.testing.assert_close(flat(parts), flat(whole), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_changes_nothing(float64_default, reentrant):
+    """torch.utils.checkpoint recomputes a block's forward during backward (outside the model's
+    forward pass); the step must equal the one without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self, ckpt):
+            super().__init__()
+            torch.manual_seed(0)
+            self.block = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh())
+            self.head = nn.Linear(6, 3)
+            self.ckpt = ckpt
+
+        def forward(self, x):
+            h = checkpoint(self.block, x, use_reentrant=reentrant) if self.ckpt else self.block(x)
+            return self.head(h)
+
+    models = [Net(False), Net(True)]
+    opts = [kfac_cuda.EKFAC(m, **OPTIONS) for m in models]
+    for x, y in data(3):
+        x.requires_grad_(reentrant)  # reentrant checkpointing needs an input that requires grad
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            for xs, ys in zip(x.chunk(2), y.chunk(2)):
+                (F.cross_entropy(model(xs), ys) / 2).backward()
+            opt.step()
+    torch.testing.assert_close(flat(models[1]), flat(models[0]), rtol=1e-10, atol=1e-12)
+
+
 def test_layer_called_on_different_numbers_of_examples_is_refused_before_any_change():
     class Odd(nn.Module):
         def __init__(self):
@@ -544,3 +574,27 @@ def test_hf_gpt2_conv1d_layers_preconditioned_and_tied_head_left_to_sgd(float64_
     torch.testing.assert_close(buf["A"], a.t() @ a / 18)
     torch.testing.assert_close(buf["G"], g.t() @ g / 3)
     torch.testing.assert_close(model.transformer.wte.weight, wte - 0.1 * wte_grad)
+
+
+def test_summary_tells_what_happens_to_every_parameter():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(5, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.frozen = nn.Linear(8, 8)
+            self.ff = nn.Linear(8, 8)
+            self.norm = nn.LayerNorm(8)
+            self.head = nn.Linear(8, 5, bias=False)
+            self.head.weight = self.emb.weight
+            self.frozen.requires_grad_(False)
+
+    model = Model()
+    opt = kfac_cuda.KFAC(model, lr=0.1, params=[p for n, p in model.named_parameters() if not n.startswith("norm")])
+    lines = dict(line.strip().split(": ", 1) for line in opt.summary().split("parameters:\n")[1].splitlines())
+    assert set(lines) == {n for n, _ in model.named_parameters()}
+    assert lines["emb.weight"].startswith("tied (emb, head)")
+    assert lines["attn.out_proj.weight"].startswith("left to the base optimizer (nn.MultiheadAttention")
+    assert lines["frozen.weight"] == lines["frozen.bias"] == "frozen"
+    assert lines["ff.weight"] == lines["ff.bias"] == "preconditioned (layer ff)"
+    assert lines["norm.weight"] == "not optimised (in no param group)"
