@@ -69,8 +69,9 @@ class CaptureHooks:
         self._active = active
         self._ids = itertools.count()
         self._forward: Optional[int] = None  # id of the root forward pass in progress
-        self._examples: Dict[int, int] = {}  # forward id -> examples (tokens) in it
-        self._used: Set[int] = set()  # forward ids whose gradients arrived
+        self._forward_examples: Optional[int] = None  # its examples (those of its first captured call)
+        # filled as gradients arrive, so that only forward passes that reached a backward are held:
+        self._examples: Dict[int, int] = {}  # forward id whose gradients arrived -> examples (tokens) in it
         self._orphans: Dict[int, str] = {}  # forward id of a layer call outside a root forward -> layer
         self.captures: Dict[str, Dict[int, List[Call]]] = {name: {} for name in adapters}
         self._unsampled: Set[str] = set()  # MC: layers that got a training backward
@@ -124,7 +125,6 @@ class CaptureHooks:
         for c in self.captures.values():
             c.clear()
         self._examples.clear()
-        self._used.clear()
         self._orphans.clear()
         self._unsampled.clear()
 
@@ -136,6 +136,7 @@ class CaptureHooks:
             hooks = ref()
             if hooks is not None:
                 hooks._forward = next(hooks._ids) if starting else None
+                hooks._forward_examples = None
 
         return hook
 
@@ -156,28 +157,33 @@ class CaptureHooks:
         if torch._C._functorch.is_functorch_wrapped_tensor(inputs[0]):
             return  # a torch.func transform (vmap/grad) of the model, not a training step
         x = inputs[0].detach()
-        forward = self._forward
-        if forward is None:  # a call outside a forward pass of the root model
+        examples = x[..., 0].numel() if self.per_token else self.adapters[name].batch_size(x)
+        forward, orphan = self._forward, self._forward is None
+        if orphan:  # a call outside a forward pass of the root model
             forward = next(self._ids)
-            self._orphans[forward] = name
-        if forward not in self._examples:
-            self._examples[forward] = x[..., 0].numel() if self.per_token else self.adapters[name].batch_size(x)
+        elif self._forward_examples is None:
+            self._forward_examples = examples
+        else:
+            examples = self._forward_examples
         ref = weakref.ref(self)
 
         def on_grad(g: torch.Tensor) -> None:
             hooks = ref()
             if hooks is not None:
-                hooks._on_grad(name, forward, x, g)
+                hooks._on_grad(name, forward, examples, orphan, x, g)
 
         output.register_hook(on_grad)
 
-    def _on_grad(self, name: str, forward: int, x: torch.Tensor, g: torch.Tensor) -> None:
+    def _on_grad(self, name: str, forward: int, examples: int, orphan: bool, x: torch.Tensor,
+                 g: torch.Tensor) -> None:
         if self._sampling != (self.fisher == "mc"):
             if self.fisher == "mc":
                 self._unsampled.add(name)
             return
         self.captures[name].setdefault(forward, []).append((x, g.detach()))
-        self._used.add(forward)
+        self._examples.setdefault(forward, examples)
+        if orphan:
+            self._orphans[forward] = name
 
     # --- MC Fisher -----------------------------------------------------------------------
     def sample_fisher(self, outputs: torch.Tensor, loss: str = "cross_entropy") -> None:
@@ -214,8 +220,8 @@ class CaptureHooks:
     def examples(self, name: str) -> int:
         """Examples (tokens, per token) of the forward passes that reached a backward since the last
         step: the root model's, or where there are none, layer ``name``'s own calls."""
-        rooted = sum(self._examples[f] for f in self._used if f not in self._orphans)
-        return rooted or sum(self._examples[f] for f in self._used if self._orphans[f] == name)
+        rooted = sum(n for f, n in self._examples.items() if f not in self._orphans)
+        return rooted or sum(n for f, n in self._examples.items() if self._orphans[f] == name)
 
     def batches(self, names: Sequence[str], *, sharing: str, backend: str, dtypes: Dict[str, torch.dtype],
                 grad_scale=None) -> Dict[str, LayerBatch]:

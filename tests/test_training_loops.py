@@ -483,12 +483,14 @@ def test_transposed_conv1d_equals_linear(float64_default, method):
 
 
 @pytest.mark.parametrize("method", ["KFAC", "TEKFAC"])
-def test_conv2d_padding_same_equals_explicit_padding(method):
+@pytest.mark.parametrize("padding", [("same", 2), ("valid", 0)])
+def test_conv2d_string_padding_equals_explicit_padding(method, padding):
     models = []
-    for padding in ("same", 2):
+    features = 3 * (36 if padding[1] else 4)  # 6x6 inputs, 3x3 kernel with dilation 2
+    for padding in padding:
         torch.manual_seed(14)
         models.append(nn.Sequential(nn.Conv2d(2, 3, 3, padding=padding, dilation=2), nn.Tanh(), nn.Flatten(),
-                                    nn.Linear(3 * 36, 4)))
+                                    nn.Linear(features, 4)))
     opts = [getattr(kfac_cuda, method)(m, **OPTIONS) for m in models]
     g = torch.Generator().manual_seed(15)
     for _ in range(3):
