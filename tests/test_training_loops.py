@@ -409,6 +409,13 @@ def test_bad_layout_options_raise():
             kfac_cuda.Preconditioner(mlp(), **bad)
 
 
+def test_per_token_terms_leave_conv_layers_out_with_a_reason():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2))
+    pre = kfac_cuda.Preconditioner(model, loss_terms="tokens")
+    assert list(pre.layers) == ["2"]
+    assert "loss_terms='tokens'" in dict(pre.unsupported)["0"]
+
+
 @pytest.mark.parametrize("method", ["ekfac", "tkfac"])
 def test_per_token_loss_matches_dense_per_token_fisher(float64_default, method):
     """A language-model loss, the mean over all B*T tokens: with loss_terms='tokens' the factors
