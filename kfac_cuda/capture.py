@@ -16,6 +16,12 @@ What counts (checked by tests/test_training_loops.py):
   no forward pass of the root model reached a backward: then each layer counts its own calls.
 - With ``fisher="mc"`` only gradients of ``sample_fisher``'s sampled loss are recorded: a
   layer output outside the graph of the given outputs receives none and is not counted.
+- Under torch.compile the layer hooks are traced into the graph (no graph break, no guard on
+  the capture state): the layer output passes through an identity autograd.Function whose
+  backward calls the opaque custom op ``kfac_cuda::capture_output_grad``; its Python body,
+  run with the real tensors during backward, decides whether the step captures and records
+  copies of (input, gradient). Each compiled call counts as its own forward pass (a layer
+  called twice in one compiled forward counts its examples twice).
 - The hooks hold the CaptureHooks (and so the Preconditioner) only weakly: a Preconditioner
   that is dropped removes its hooks and stops capturing. One Preconditioner per layer: a new
   one on layers that a live one hooks takes them over with a warning, and the old one's
@@ -27,7 +33,7 @@ import gc
 import itertools
 import warnings
 import weakref
-from typing import Callable, Dict, List, Optional, Sequence, Set
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -37,12 +43,47 @@ from .batch import Call, LayerBatch
 from .layers import LayerAdapter
 
 _OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+_TAPS: Dict[int, Tuple[weakref.ref, str]] = {}  # compiled-graph token -> (CaptureHooks, layer name)
+_TOKENS = itertools.count()
+_SINK = torch.zeros(1)  # what the capture op declares it mutates, so that no compiler drops it
 
 
-def _remove_handles(handles: list) -> None:
+@torch.library.custom_op("kfac_cuda::capture_output_grad", mutates_args=("sink",))
+def _capture_output_grad(sink: torch.Tensor, x: torch.Tensor, g: torch.Tensor, token: int) -> None:
+    """Backward of a compiled layer output: hand (input, output gradient) to the layer's CaptureHooks."""
+    ref, name = _TAPS.get(token, (None, ""))
+    hooks = ref() if ref is not None else None
+    if hooks is not None:
+        hooks._on_compiled_grad(name, x, g)
+
+
+@_capture_output_grad.register_fake
+def _(sink: torch.Tensor, x: torch.Tensor, g: torch.Tensor, token: int) -> None:
+    return None
+
+
+class _CompiledTap(torch.autograd.Function):
+    """Identity on a layer output whose backward passes (input, output gradient) to the capture op."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, x: torch.Tensor, token: int) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.token = token
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        torch.ops.kfac_cuda.capture_output_grad(_SINK, x, g, ctx.token)
+        return g, None, None
+
+
+def _remove_handles(handles: list, tokens: Sequence[int] = ()) -> None:
     for h in handles:
         h.remove()
     handles.clear()
+    for t in tokens:
+        _TAPS.pop(t, None)
 
 
 class CaptureHooks:
@@ -80,13 +121,17 @@ class CaptureHooks:
         self._handles: list = []
         self._take_over([a.module for a in adapters.values()])
         ref = weakref.ref(self)
+        self._tokens: List[int] = []
         for name, adapter in adapters.items():
-            self._handles.append(adapter.module.register_forward_hook(self._layer_hook(ref, name)))
+            token = next(_TOKENS)
+            _TAPS[token] = (ref, name)
+            self._tokens.append(token)
+            self._handles.append(adapter.module.register_forward_hook(self._layer_hook(ref, name, token)))
             _OWNERS[adapter.module] = ref
         if adapters:
             self._handles.append(model.register_forward_pre_hook(self._root_hook(ref, True)))
             self._handles.append(model.register_forward_hook(self._root_hook(ref, False), always_call=True))
-        weakref.finalize(self, _remove_handles, self._handles)
+        weakref.finalize(self, _remove_handles, self._handles, self._tokens)
 
     # --- lifetime --------------------------------------------------------------------------
     @staticmethod
@@ -119,7 +164,7 @@ class CaptureHooks:
 
     def remove(self) -> None:
         """Remove the module hooks."""
-        _remove_handles(self._handles)
+        _remove_handles(self._handles, self._tokens)
 
     def clear(self) -> None:
         for c in self.captures.values():
@@ -131,8 +176,9 @@ class CaptureHooks:
     # --- hooks ---------------------------------------------------------------------------
     @staticmethod
     def _root_hook(ref: weakref.ref, starting: bool):
-        @torch._dynamo.disable
         def hook(*_) -> None:
+            if torch.compiler.is_compiling():
+                return  # compiled calls are forward passes of their own
             hooks = ref()
             if hooks is not None:
                 hooks._forward = next(hooks._ids) if starting else None
@@ -141,12 +187,16 @@ class CaptureHooks:
         return hook
 
     @staticmethod
-    def _layer_hook(ref: weakref.ref, name: str):
-        @torch._dynamo.disable
-        def hook(module: nn.Module, inputs, output) -> None:
+    def _layer_hook(ref: weakref.ref, name: str, token: int):
+        def hook(module: nn.Module, inputs, output):
+            if torch.compiler.is_compiling():  # traced: nothing here depends on the capture state
+                if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
+                    return _CompiledTap.apply(output, inputs[0].detach(), token)
+                return None
             hooks = ref()
             if hooks is not None:
                 hooks._on_forward(name, inputs, output)
+            return None
 
         return hook
 
@@ -173,6 +223,18 @@ class CaptureHooks:
                 hooks._on_grad(name, forward, examples, orphan, x, g)
 
         output.register_hook(on_grad)
+
+    def _on_compiled_grad(self, name: str, x: torch.Tensor, g: torch.Tensor) -> None:
+        """An output gradient from a compiled graph: a forward pass of its own. The tensors are
+        copied (a compiled backward may reuse their buffers)."""
+        if not self._active():
+            return
+        if self._sampling != (self.fisher == "mc"):
+            if self.fisher == "mc":
+                self._unsampled.add(name)
+            return
+        examples = x[..., 0].numel() if self.per_token else self.adapters[name].batch_size(x)
+        self._on_grad(name, next(self._ids), examples, True, x.detach().clone(), g.detach().clone())
 
     def _on_grad(self, name: str, forward: int, examples: int, orphan: bool, x: torch.Tensor,
                  g: torch.Tensor) -> None:

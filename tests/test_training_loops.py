@@ -518,12 +518,16 @@ def test_conv2d_padding_same_with_even_kernel_is_refused_clearly():
 
 
 # --- torch.compile ----------------------------------------------------------------------------------------------
-def test_compiled_model_names_checkpoints_and_no_recompiles():
-    """Layer names as in the eager model, checkpoints interchangeable, the same steps, and no
-    recompilation caused by the hooks while capture switches on and off with the schedule."""
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_model_names_checkpoints_no_graph_breaks_no_recompiles(backend):
+    """Layer names as in the eager model, checkpoints interchangeable, the same steps, one graph
+    without breaks, and no recompilation while capture switches on and off with the schedule."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     eager, compiled_inner = mlp(), mlp()
-    compiled = torch.compile(compiled_inner, backend="eager")
+    compiled = torch.compile(compiled_inner, backend=backend)
     options = dict(OPTIONS, factor_update_steps=2, inv_update_steps=4)
     opt_eager, opt_compiled = kfac_cuda.EKFAC(eager, **options), kfac_cuda.EKFAC(compiled, **options)
     assert list(opt_compiled.preconditioner.layers) == list(opt_eager.preconditioner.layers) == ["0", "2"]
@@ -539,10 +543,11 @@ def test_compiled_model_names_checkpoints_and_no_recompiles():
     run(compiled, opt_compiled, batches[:1])  # the first call compiles
     with torch._dynamo.config.patch(error_on_recompile=True):
         run(compiled, opt_compiled, batches[1:4])
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1, dict(counters)
     torch.testing.assert_close(flat(compiled_inner), flat(eager), rtol=1e-6, atol=1e-7)
     # an eager checkpoint resumes in the compiled model and vice versa
     resumed_compiled, resumed_eager = mlp(), mlp()
-    compiled_again = torch.compile(resumed_compiled, backend="eager")
+    compiled_again = torch.compile(resumed_compiled, backend=backend)
     opt_rc, opt_re = kfac_cuda.EKFAC(compiled_again, **options), kfac_cuda.EKFAC(resumed_eager, **options)
     resumed_compiled.load_state_dict(eager.state_dict())
     opt_rc.load_state_dict(copy.deepcopy(opt_eager.state_dict()))
@@ -552,6 +557,25 @@ def test_compiled_model_names_checkpoints_and_no_recompiles():
         run(model, opt, batches[4:])
     torch.testing.assert_close(flat(resumed_compiled), flat(eager), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(flat(resumed_eager), flat(eager), rtol=1e-6, atol=1e-7)
+    torch._dynamo.reset()
+
+
+def test_compiled_model_mc_fisher_and_accumulation_equal_eager():
+    torch._dynamo.reset()
+    eager, compiled_inner = mlp(), mlp()
+    compiled = torch.compile(compiled_inner, backend="aot_eager")
+    opts = [kfac_cuda.KFAC(m, fisher="mc", **OPTIONS) for m in (eager, compiled)]
+    for model, opt in zip((eager, compiled), opts):
+        torch.manual_seed(18)
+        for x, y in data(3):
+            opt.zero_grad()
+            for xs, ys in zip(x.chunk(2), y.chunk(2)):
+                out = model(xs)
+                model(xs * 2).sum()  # an evaluation forward with grad enabled: no backward
+                opt.sample_fisher(out)
+                (F.cross_entropy(out, ys) / 2).backward()
+            opt.step()
+    torch.testing.assert_close(flat(compiled_inner), flat(eager), rtol=1e-6, atol=1e-7)
     torch._dynamo.reset()
 
 
