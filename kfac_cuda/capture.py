@@ -116,6 +116,7 @@ class CaptureHooks:
         self._orphans: Dict[int, str] = {}  # forward id of a layer call outside a root forward -> layer
         self.captures: Dict[str, Dict[int, List[Call]]] = {name: {} for name in adapters}
         self._unsampled: Set[str] = set()  # MC: layers that got a training backward
+        self._compiled_calls: Set[Tuple[int, str]] = set()  # (autograd graph task, layer) seen compiled
         self._sampling = False
         self.superseded = False
         self._handles: list = []
@@ -172,6 +173,7 @@ class CaptureHooks:
         self._examples.clear()
         self._orphans.clear()
         self._unsampled.clear()
+        self._compiled_calls.clear()
 
     # --- hooks ---------------------------------------------------------------------------
     @staticmethod
@@ -233,6 +235,13 @@ class CaptureHooks:
             if self.fisher == "mc":
                 self._unsampled.add(name)
             return
+        call = (torch._C._current_graph_task_id(), name)
+        if call in self._compiled_calls:
+            warnings.warn(f"kfac_cuda: layer {name!r} of a compiled model received several output gradients in one "
+                          "backward; each counts as a forward pass of its own (right for several forward passes in "
+                          "one loss, not for a layer called twice in one forward: its examples are then counted "
+                          "twice; run such a model eagerly for exact counts)", RuntimeWarning)
+        self._compiled_calls.add(call)
         examples = x[..., 0].numel() if self.per_token else self.adapters[name].batch_size(x)
         self._on_grad(name, next(self._ids), examples, True, x.detach().clone(), g.detach().clone())
 

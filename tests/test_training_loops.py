@@ -560,6 +560,24 @@ def test_compiled_model_names_checkpoints_no_graph_breaks_no_recompiles(backend)
     torch._dynamo.reset()
 
 
+def test_compiled_layer_called_twice_warns():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(self.lin(x)))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(Twice(), backend="eager")
+    opt = kfac_cuda.KFAC(compiled, **OPTIONS)
+    with pytest.warns(RuntimeWarning, match="'lin' of a compiled model received several output gradients"):
+        compiled(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    torch._dynamo.reset()
+
+
 def test_compiled_model_mc_fisher_and_accumulation_equal_eager():
     torch._dynamo.reset()
     eager, compiled_inner = mlp(), mlp()
