@@ -99,16 +99,43 @@ class KFACCurvature:
                                 eig_a=b["eA"] + pi * root, backend=backend)
         return precondition(V, b["QG"], b["QA"], damping=damping, eig_g=b["eG"], eig_a=b["eA"], backend=backend)
 
+    # --- transactions ------------------------------------------------------------------------
+    #: buffers that are only ever replaced (set_bases), never updated in place: a snapshot shares them
+    replaced_buffers = ("QA", "eA", "QG", "eG", "delta_ref")
+
+    def snapshot(self) -> dict:
+        """The state as it is now, for :meth:`restore` (buffers updated in place are cloned)."""
+        return {"buffers": {k: v if v is None or k in self.replaced_buffers else v.clone()
+                            for k, v in self.buffers.items()},
+                "factors_initialized": self.factors_initialized}
+
+    def restore(self, snapshot: dict) -> None:
+        """Put back the state of :meth:`snapshot` (the eigh failure count is kept)."""
+        self.buffers = dict(snapshot["buffers"])
+        self.factors_initialized = snapshot["factors_initialized"]
+
+    def finite(self) -> torch.Tensor:
+        """A 0-dim bool tensor: whether every buffer is finite (no host sync)."""
+        flags = [torch.isfinite(v).all() for v in self.buffers.values() if v is not None]
+        return torch.stack(flags).all() if flags else torch.tensor(True)
+
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"buffers": {k: (None if v is None else v.clone()) for k, v in self.buffers.items()},
                 "factors_initialized": self.factors_initialized, "eigh_failures": self.eigh_failures}
 
+    def buffer_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """The shape of every buffer (what a checkpoint must hold)."""
+        d_a, d_g = self.buffers["A"].shape[0], self.buffers["G"].shape[0]
+        shapes = {"A": (d_a, d_a), "G": (d_g, d_g), "QA": (d_a, d_a), "eA": (d_a,), "QG": (d_g, d_g),
+                  "eG": (d_g,), "delta": (), "delta_ref": (), "S": (d_g, d_a)}
+        return {k: shapes[k] for k in self.buffers}
+
     def load_state_dict(self, state: dict) -> None:
+        """Load a state validated by :func:`kfac_cuda.checkpoint.check_curvature_state`
+        (floating-point buffers are converted to this layer's device and dtype)."""
         like = self.buffers["A"]
         for k, v in state["buffers"].items():
-            if k not in self.buffers:
-                raise KeyError(f"unexpected curvature buffer {k!r} for layer {self.adapter.name}")
             self.buffers[k] = None if v is None else v.to(device=like.device, dtype=like.dtype).clone()
         self.factors_initialized = state["factors_initialized"]
         self.eigh_failures = state["eigh_failures"]
