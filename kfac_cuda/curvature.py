@@ -61,6 +61,13 @@ class KFACCurvature:
         batch.accumulate_output_factor(self.buffers["G"], beta, (1 - beta) / batch.n)
         self.factors_initialized = True
 
+    def zero_synced_factors(self) -> None:
+        """Zeros in place of the factors that ranks average: this rank's share when its batch
+        did not use the layer while another rank's did (see Preconditioner._update_curvature)."""
+        for t in self.synced_factors():
+            t.zero_()
+        self.factors_initialized = True
+
     def synced_factors(self) -> List[torch.Tensor]:
         """Tensors that ranks average after a factor update."""
         return [self.buffers[k] for k in self.factor_names]
@@ -155,17 +162,27 @@ class ScaleMixin:
         (``restart="kronecker"``: l_G l_A^T, the EMA factors' own estimate of the same
         quantity) before the EMA step, or dropped (``restart="batch"``: S <- S_batch)."""
         b = self.buffers
-        if b["S"] is None:
-            b["S"] = torch.zeros(b["QG"].shape[0], b["QA"].shape[0], dtype=b["QA"].dtype, device=b["QA"].device)
-            fresh = True
-        beta = decay
-        if fresh and restart == "kronecker":
-            torch.outer(*self.kronecker_eigenvalues(), out=b["S"])
-        elif fresh:
-            beta = 0.0
+        beta = self._restart_scales(decay, fresh, restart)
         for i, (g, a) in enumerate(batch.scale_rows()):  # one call per sequence length in the batch
             accumulate_scale(b["S"], g, a, b["QG"], b["QA"], bias=batch.bias, beta=beta if i == 0 else 1.0,
                              alpha=(1 - beta) / batch.n, backend=batch.backend)
+
+    def _restart_scales(self, decay: float, fresh: bool, restart: str) -> float:
+        """Allocate S if there is none and restart it after a basis refresh (see
+        :meth:`update_scales`); return the EMA weight of S for this step's batch."""
+        b = self.buffers
+        if b["S"] is None:
+            b["S"] = torch.zeros(b["QG"].shape[0], b["QA"].shape[0], dtype=b["QA"].dtype, device=b["QA"].device)
+            fresh = True
+        if fresh and restart == "kronecker":
+            torch.outer(*self.kronecker_eigenvalues(), out=b["S"])
+            return decay
+        return 0.0 if fresh else decay
+
+    def zero_synced_scales(self) -> None:
+        """Zeros in place of S (allocated if absent): see zero_synced_factors."""
+        self._restart_scales(0.0, True, "batch")
+        self.buffers["S"].zero_()
 
     def synced_scales(self) -> List[torch.Tensor]:
         return [self.buffers["S"]]

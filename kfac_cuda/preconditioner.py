@@ -301,11 +301,11 @@ class Preconditioner:
                 optimizers pass theirs).
         """
         self.hooks.check_attached()
+        self._check_shapes([n for n, (a, _) in self.layers.items() if a.module.weight.grad is not None])
+        self.comm.average_gradients()  # may give a layer unused here the gradient of other ranks
         names = [n for n, (a, _) in self.layers.items() if a.module.weight.grad is not None]
-        self._check_shapes(names)
         lrs = ({n: self._lr_of(self.layers[n][0].module.weight, lr) for n in names}
                if self.kl_clip is not None else {})
-        self.comm.average_gradients()
         factors_due, bases_due, scales_due = self._due()
         try:
             batches = self._batches(names) if (factors_due or scales_due) else {}
@@ -390,23 +390,43 @@ class Preconditioner:
         return [name for name, good in zip(flags, ok) if not good]
 
     def _update_curvature(self, names, batches, factors_due, bases_due, scales_due) -> List[str]:
-        """Update factors, bases and scales as due; returns the layers left without a basis."""
+        """Update factors, bases and scales as due; returns the layers left without a basis.
+
+        Across ranks, a layer's factors and scales are averaged over the ranks whose batch used
+        it: the estimate those ranks' batches give together. A rank whose batch did not use
+        the layer contributes zeros to the sum, which is then divided by the number of ranks
+        that used it, so every collective has the same shape on every rank."""
         curvatures = [self.layers[n][1] for n in names]
+        used = self.comm.count_true([n in batches for n in names]) if (factors_due or scales_due) else []
         if factors_due:
-            for n, c in zip(names, curvatures):
+            for n, c, count in zip(names, curvatures, used):
                 if n in batches:
                     c.update_factors(batches[n], self.factor_decay)
-            self.comm.average_([t for c in curvatures for t in c.synced_factors()])
+                elif count:
+                    c.zero_synced_factors()
+            self._average_where_used(curvatures, used, lambda c: c.synced_factors())
         without_basis: List[str] = []
         if bases_due or any(not c.has_basis for c in curvatures):
             without_basis = self._refresh_bases([n for n, c in zip(names, curvatures)
                                                  if c.factors_initialized and (bases_due or not c.has_basis)])
         if scales_due and not without_basis:
-            for n, c in zip(names, curvatures):
+            for n, c, count in zip(names, curvatures, used):
                 if c.has_basis and n in batches:
                     c.update_scales(batches[n], self.scale_decay, fresh=bases_due, restart=self.scale_restart)
-            self.comm.average_([t for c in curvatures if c.has_basis for t in c.synced_scales()])
+                elif c.has_basis and count:
+                    c.zero_synced_scales()
+            self._average_where_used(curvatures, [count if c.has_basis else 0 for c, count in zip(curvatures, used)],
+                                     lambda c: c.synced_scales())
         return without_basis
+
+    def _average_where_used(self, curvatures, used: List[int], tensors_of) -> None:
+        """Average ``tensors_of(c)`` of every layer used on ``used[i]`` > 0 ranks over those ranks."""
+        world = self.comm.world_size
+        self.comm.average_([t for c, count in zip(curvatures, used) if count for t in tensors_of(c)])
+        for c, count in zip(curvatures, used):
+            if 0 < count < world:  # the average counted the ranks that did not use the layer
+                for t in tensors_of(c):
+                    t.mul_(world / count)
 
     def _precondition(self, names, grads) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
         """(U, <U, V>) of every layer that has a basis."""
