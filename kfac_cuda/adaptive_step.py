@@ -102,7 +102,7 @@ def martens_grosse_step(optimizer, model: nn.Module, closure: Optional[Callable[
         raise ValueError("quadratic_model needs every optimized parameter to belong to the model")
     grads = [p.grad.clone() for _, p in entries]
     pre.damping = state["damping"]
-    if not pre.step():
+    if not pre.step(params=[p for g in optimizer.param_groups for p in g["params"]]):
         return loss
     step, damping = state["step"], state["damping"]
     adapt_lr, adapt_mu = options.learning_rate, options.momentum

@@ -75,8 +75,8 @@ class QuadraticModel:
                 raise ValueError(f"QuadraticModel.{name} must be a positive integer, got {value!r}")
         if not 0.0 < self.damping_decay < 1.0:
             raise ValueError(f"QuadraticModel.damping_decay must be in (0, 1), got {self.damping_decay!r}")
-        if not 0.0 <= self.min_damping <= self.max_damping:
-            raise ValueError("QuadraticModel needs 0 <= min_damping <= max_damping, got "
+        if not 0.0 < self.min_damping <= self.max_damping:
+            raise ValueError("QuadraticModel needs 0 < min_damping <= max_damping, got "
                              f"{self.min_damping!r}, {self.max_damping!r}")
         if self.loss_reduction not in ("mean", "sum"):
             raise ValueError(f"QuadraticModel.loss_reduction must be 'mean' or 'sum', got {self.loss_reduction!r}")
