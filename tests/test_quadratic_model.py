@@ -212,3 +212,25 @@ def test_non_finite_update_changes_nothing_and_raises_the_damping(monkeypatch: p
     monkeypatch.setattr(adaptive_step, "ggn_gram_matrix", real)
     opt.step(closure_for(opt, model, x))  # the next step is a normal one
     assert torch.isfinite(flat_params(model)).all() and not torch.equal(flat_params(model), before)
+
+
+def test_interval_keeps_the_last_coefficients_between_adaptations() -> None:
+    model, x = problem(5)
+    opt = make(model, interval=2, damping=False)
+    closure = closure_for(opt, model, x)
+    alphas = []
+    for step in range(4):
+        theta = flat_params(model)
+        opt.step(closure)
+        Delta = -(torch.cat([p.grad.reshape(-1) for p in model.parameters()]) + WD * theta)
+        v = flat_params(model) - theta
+        state = opt.state["quadratic_model"]
+        alphas.append(state["alpha"])
+        if step == 1:  # not an adaptation step: step 0's alpha, and no momentum solved yet (mu 0)
+            assert alphas[1] == alphas[0]
+            assert torch.allclose(v, alphas[0] * Delta, atol=1e-12, rtol=0)
+        if step == 3:  # step 2's alpha and mu
+            assert alphas[3] == alphas[2]
+            assert torch.allclose(v, state["alpha"] * Delta + state["mu"] * previous, atol=1e-12, rtol=0)
+        previous = v
+    assert alphas[2] != alphas[0]  # step 2 re-solved
