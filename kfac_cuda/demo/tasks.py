@@ -130,16 +130,16 @@ def make_curves(n: int, size: int = 16, seed: int = 0, points: int = 64, width: 
     as the maximum over ``points`` samples along it of a Gaussian stroke of std ``width`` pixels
     (Hinton & Salakhutdinov's CURVES draws a curve from three random points on 28×28 images)."""
     g = torch.Generator().manual_seed(seed)
-    control = torch.rand(n, 3, 2, generator=g, dtype=torch.float64) * (size - 1)
-    t = torch.linspace(0, 1, points, dtype=torch.float64).view(1, points, 1)
+    control = (torch.rand(n, 3, 2, generator=g, dtype=torch.float64) * (size - 1)).float()
+    t = torch.linspace(0, 1, points).view(1, points, 1)
     curve = ((1 - t) ** 2 * control[:, :1] + 2 * t * (1 - t) * control[:, 1:2] + t ** 2 * control[:, 2:])
-    grid = torch.stack(torch.meshgrid(torch.arange(size, dtype=torch.float64),
-                                      torch.arange(size, dtype=torch.float64), indexing="ij"), -1).view(1, -1, 1, 2)
-    images = torch.empty(n, size * size, dtype=torch.float64)
-    for start in range(0, n, 500):  # chunks keep the (chunk, pixels, points) distances small
-        d2 = (grid - curve[start:start + 500].unsqueeze(1)).square().sum(-1)
-        images[start:start + 500] = torch.exp(-d2 / (2 * width ** 2)).amax(-1)
-    return images.view(n, 1, size, size).float()
+    axis = torch.arange(size, dtype=torch.float32)
+    # the Gaussian stroke separates into rows and columns: exp(-(dy^2 + dx^2)/2w^2) = ey * ex
+    ey = torch.exp(-(axis.view(1, size, 1) - curve[:, :, 0].unsqueeze(1)).square() / (2 * width ** 2))
+    ex = torch.exp(-(axis.view(1, size, 1) - curve[:, :, 1].unsqueeze(1)).square() / (2 * width ** 2))
+    images = torch.cat([(y.unsqueeze(2) * x.unsqueeze(1)).amax(-1)  # (chunk, size, size): max over points
+                        for y, x in zip(ey.split(500), ex.split(500))])
+    return images.view(n, 1, size, size)
 
 
 def make_cnn(num_classes: int = 10) -> nn.Sequential:
