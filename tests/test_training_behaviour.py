@@ -232,9 +232,9 @@ def test_rank_deficient_factor_decomposes():
 
 
 def test_sequence_inputs_linear_layers():
-    torch.manual_seed(8)
-    model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 6))
     for sharing in ["expand", "reduce"]:
+        torch.manual_seed(8)
+        model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 6))  # one optimizer per model
         opt = kfac_cuda.EKFAC(model, lr=0.05, weight_sharing=sharing, factor_update_steps=1)
         x = torch.randn(4, 5, 6)
         F.mse_loss(model(x), x).backward()
