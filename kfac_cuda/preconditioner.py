@@ -293,7 +293,8 @@ class Preconditioner:
           is no basis to precondition with; retried on the next step, an error after
           ``MAX_EIGH_FAILURES`` consecutive failures).
 
-        The finiteness checks are skipped with ``check_finite=False``.
+        The finiteness checks are skipped with ``check_finite=False``. (With a DistributedComm
+        that averages gradients, ``.grad`` holds the average over ranks even after a refusal.)
 
         Args:
             lr: learning rate(s) for KL-clipping (default: the constructor's ``lr``).
