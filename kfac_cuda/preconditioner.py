@@ -304,7 +304,8 @@ class Preconditioner:
           is no basis to precondition with; retried on the next step, an error after
           ``MAX_EIGH_FAILURES`` consecutive failures).
 
-        The finiteness checks are skipped with ``check_finite=False``.
+        The finiteness checks are skipped with ``check_finite=False``. (With a DistributedComm
+        that averages gradients, ``.grad`` holds the average over ranks even after a refusal.)
 
         Args:
             lr: learning rate(s) for KL-clipping (default: the constructor's ``lr``).
@@ -328,7 +329,9 @@ class Preconditioner:
                                   f"{' (' + ', '.join(bad) + ')' if bad else ' on another rank'}; "
                                   "step skipped, curvature left untouched", RuntimeWarning)
                     return False
-            snapshots = {n: self.layers[n][1].snapshot() for n in names}
+            touched = (factors_due or bases_due or scales_due
+                       or any(not self.layers[n][1].has_basis for n in names))  # else the curvature is read only
+            snapshots = {n: self.layers[n][1].snapshot() for n in names} if touched else {}
             try:
                 without_basis = self._update_curvature(names, batches, factors_due, bases_due, scales_due)
             except BaseException:
@@ -342,7 +345,7 @@ class Preconditioner:
                 return False
             results = self._precondition(names, grads)
             if self.check_finite:
-                bad = self._nonfinite_curvature(names, results)
+                bad = self._nonfinite_curvature(list(snapshots), results)
                 if not self.comm.all_true(not bad):
                     self._restore(snapshots)
                     warnings.warn(f"kfac_cuda: the curvature or preconditioned gradient of layer(s) "
@@ -386,10 +389,12 @@ class Preconditioner:
         return self._nonfinite({k: torch.stack([torch.isfinite(t).all() for t in ts]).all()
                                 for k, ts in items.items() if ts})
 
-    def _nonfinite_curvature(self, names: Sequence[str], results) -> List[str]:
-        items = {n: self.layers[n][1].finite() for n in names}
+    def _nonfinite_curvature(self, updated: Sequence[str], results) -> List[str]:
+        """Layers whose updated curvature or whose (U, <U, V>) is not finite (one host sync)."""
+        items = {n: self.layers[n][1].finite() for n in updated}
         for n, (U, dot) in results.items():
-            items[n] = items[n] & torch.isfinite(U).all() & torch.isfinite(dot).all()
+            finite = torch.isfinite(U).all() & torch.isfinite(dot).all()
+            items[n] = items[n] & finite if n in items else finite
         return self._nonfinite(items)
 
     @staticmethod

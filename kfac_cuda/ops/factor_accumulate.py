@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .._extension import extension
+from ._checks import check_factor_args
 from ._dispatch import select
 from ._launch import KERNEL_INPUT_DTYPES, stream_handle
 
@@ -28,6 +29,7 @@ def accumulate_factor_reference(
     alpha: float = 1.0,
 ) -> torch.Tensor:
     """Pure-PyTorch definition; updates ``A`` in place and returns it."""
+    _check_args(A, a, weights, beta, alpha)
     rows = a.to(A.dtype)
     if bias:
         rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
@@ -49,8 +51,14 @@ def accumulate_factor_cuda(
     Same contract as the reference; A float32, a float32/bfloat16/float16, weights float32,
     all C-contiguous on one device (the extension raises ValueError/TypeError otherwise).
     """
+    _check_args(A, a, weights, beta, alpha)
     extension().factor_accumulate(A, a, weights, bool(bias), float(beta), float(alpha), stream_handle(A.device))
     return A
+
+
+def _check_args(A, a, weights, beta, alpha) -> None:
+    """The argument check both implementations run (kfac_cuda.ops._checks)."""
+    check_factor_args("accumulate_factor", A, "a", a, 2, weights, 1, beta, alpha)
 
 
 def _cuda_supports(A: torch.Tensor, a: torch.Tensor, weights: Optional[torch.Tensor]) -> bool:
@@ -84,6 +92,7 @@ def accumulate_factor(
         beta, alpha: EMA weights.
         backend: "auto" | "torch" | "cuda".
     """
+    _check_args(A, a, weights, beta, alpha)
     impl = select(
         "accumulate_factor", backend, A, accumulate_factor_reference, accumulate_factor_cuda,
         lambda: _cuda_supports(A, a, weights),
