@@ -17,6 +17,7 @@ Hooks capture inputs and output gradients only on steps that update factors or s
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -150,10 +151,15 @@ class Preconditioner:
             damping_style=self.damping_style)
         self.hooks = CaptureHooks({n: a for n, (a, _) in self.layers.items()}, lambda: self.capturing,
                                   self.fisher, self.loss_reduction)
+        me = weakref.ref(self)
+        for adapter, _ in self.layers.values():  # attention layers reroute their forward on capturing steps
+            getattr(adapter, "bind", lambda active: None)(lambda: me() is not None and me().capturing)
 
     def remove(self) -> None:
-        """Remove the module hooks."""
+        """Remove the module hooks (and the attention layers' capture hooks)."""
         self.hooks.remove()
+        for adapter, _ in self.layers.values():
+            getattr(adapter, "remove", lambda: None)()
 
     def summary(self) -> str:
         """A table of the preconditioned layers and of those left to the plain optimizer."""
@@ -187,7 +193,7 @@ class Preconditioner:
         scaler = self.grad_scaler
         return self.hooks.batches({n: a for n, (a, _) in self.layers.items()}, names,
                                   sharing=self.weight_sharing, backend=self.backend,
-                                  dtypes={n: c.buffers["A"].dtype for n, (_, c) in self.layers.items()},
+                                  dtypes={n: c.dtype for n, (_, c) in self.layers.items()},
                                   grad_scale=scaler.get_scale() if scaler is not None and scaler.is_enabled()
                                   else None)
 
@@ -207,17 +213,21 @@ class Preconditioner:
         return {n: conv.get(n, dense) for n in names}
 
     def _refresh_bases(self, names: Sequence[str]) -> None:
-        mats, labels, costs = [], [], []
+        mats, labels, costs, counts = [], [], [], []
         for n in names:
-            for side, m in zip(("input", "output"), self.layers[n][1].basis_sources()):
+            sources = self.layers[n][1].basis_sources()  # full factors only (a diagonal side has none)
+            sides = getattr(self.layers[n][1], "basis_sides", ("input", "output"))
+            counts.append(len(sources))
+            for side, m in zip(sides, sources):
                 mats.append(m)
                 labels.append(f"{n or '<model>'} {side} factor")
                 costs.append(float(m.shape[0]) ** 3)
         eigs = self.comm.eigh_many(mats, labels, costs)
-        for i, n in enumerate(names):
+        start = 0
+        for n, count in zip(names, counts):
             curvature = self.layers[n][1]
-            inp, out = eigs[2 * i], eigs[2 * i + 1]
-            if inp is None or out is None:
+            layer_eigs, start = eigs[start:start + count], start + count
+            if any(e is None for e in layer_eigs):
                 curvature.eigh_failures += 1
                 if curvature.eigh_failures >= MAX_EIGH_FAILURES:
                     raise RuntimeError(f"kfac_cuda: eigendecomposition of layer {n!r} failed "
@@ -226,7 +236,7 @@ class Preconditioner:
                               RuntimeWarning)
                 continue
             curvature.eigh_failures = 0
-            curvature.set_bases(inp, out)
+            curvature.set_bases(*layer_eigs)
 
     @torch.no_grad()
     def step(self, lr: LrArg = None) -> bool:
@@ -276,7 +286,7 @@ class Preconditioner:
         damping = self._dampings(ready)
         jobs = [(lambda n=n: self.layers[n][1].precondition(grads[n], damping[n], self.backend)) for n in ready]
         costs = [float(grads[n].numel() * sum(grads[n].shape)) for n in ready]  # GEMM multiply-adds / 2
-        specs = [OutputSpec(grads[n].shape, self.layers[n][1].buffers["QA"].dtype, grads[n].device) for n in ready]
+        specs = [OutputSpec(grads[n].shape, self.layers[n][1].dtype, grads[n].device) for n in ready]
         results = self.comm.precondition_all(jobs, costs, specs)
         if self.kl_clip is not None and ready:
             # nu stays on the device (no host sync): nu = 1 where sum lr^2 <U, V> <= 0

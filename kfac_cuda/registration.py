@@ -7,6 +7,8 @@ from typing import Dict, Iterable, List, Tuple
 import torch
 import torch.nn as nn
 
+from .blocks import block_adapters, curvature_class
+from .blocks.tied import tie_reason, tied_uses
 from .curvature import KFACCurvature
 from .layers import LayerAdapter, adapter_for
 
@@ -25,31 +27,55 @@ def register_layers(model: nn.Module, curvature_cls: type, *, skip_modules: Iter
     def under(name: str, prefixes: List[str]) -> bool:
         return any(p == "" or name.startswith(p + ".") for p in prefixes)
 
+    owners: Dict[int, List[str]] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name or "<model>")
     layers: Layers = {}
     unsupported: List[Tuple[str, str]] = []
+    tied: Dict[int, List[LayerAdapter]] = {}  # id(weight) -> the layers sharing it
     attention = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     skipped_trees: List[str] = []
     for name, module in model.named_modules():
-        if under(name, attention):
+        if name not in attention and under(name, attention):
             continue  # e.g. out_proj: reported with its nn.MultiheadAttention
         if under(name, skipped_trees) or skipped(name, module):
             skipped_trees.append(name)
             if any(True for _ in module.parameters(recurse=False)):
                 unsupported.append((name, "skipped by skip_modules"))
             continue
-        adapter, reason = adapter_for(name, module)
-        if adapter is None:
-            if reason:
-                unsupported.append((name, reason))
+        blocks = block_adapters(name, module)
+        if blocks is None:
+            adapter, reason = adapter_for(name, module)
+            blocks = ([] if adapter is None else [adapter]), reason
+        adapters, reason = blocks
+        if reason:
+            unsupported.append((name, reason))
+        for adapter in adapters:
+            weight = adapter.module.weight
+            if not weight.requires_grad:
+                continue
+            if len(owners[id(weight)]) > 1:  # e.g. a token embedding shared with the output head
+                tied.setdefault(id(weight), []).append(adapter)
+                continue
+            side = getattr(adapter, "full_factor_side", max(adapter.d_in + int(adapter.has_bias), adapter.d_out))
+            if side > max_factor_dim:
+                unsupported.append((adapter.name, f"factor side {side} > max_factor_dim={max_factor_dim}"))
+                continue
+            dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            layers[adapter.name] = (adapter, curvature_class(adapter, curvature_cls)(
+                adapter, dtype, weight.device, damping_style=damping_style))
+    for key, uses in tied.items():
+        reason = tie_reason(uses, max_factor_dim) if len(uses) == len(owners[key]) else "not every use is a layer"
+        if reason is not None:
+            unsupported.extend((a.name, f"weight tied ({', '.join(owners[key])}): left to the base optimizer "
+                                        f"({reason})") for a in uses)
             continue
-        if not module.weight.requires_grad:
-            continue
-        side = max(adapter.d_in + int(adapter.has_bias), adapter.d_out)
-        if side > max_factor_dim:
-            unsupported.append((name, f"factor side {side} > max_factor_dim={max_factor_dim}"))
-            continue
-        dtype = torch.float64 if module.weight.dtype == torch.float64 else torch.float32
-        layers[name] = (adapter, curvature_cls(adapter, dtype, module.weight.device, damping_style=damping_style))
+        weight = uses[0].module.weight
+        for use in tied_uses(uses, torch.float64 if weight.dtype == torch.float64 else torch.float32, weight.device):
+            layers[use.adapter.name] = (use.adapter, use)
+            if use.role == "head" and getattr(use.adapter.module, "bias", None) is not None:
+                unsupported.append((use.adapter.name, "its bias is left to the base optimizer (tied weight)"))
     if not layers:
         warnings.warn("kfac_cuda: the model has no supported layer (nn.Linear, nn.Conv2d)", RuntimeWarning)
     return layers, unsupported

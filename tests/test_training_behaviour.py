@@ -311,7 +311,7 @@ def test_mc_fisher_bernoulli_matches_diagonal_fisher():
     torch.testing.assert_close(pre.layers["0"][1].buffers["G"], torch.diag(p * (1 - p)), atol=0.01, rtol=0)
 
 
-def test_multihead_attention_reported_not_silently_skipped():
+def test_multihead_attention_projections_are_preconditioned():
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
@@ -322,9 +322,8 @@ def test_multihead_attention_reported_not_silently_skipped():
             return self.ff(self.attn(x, x, x)[0])
 
     pre = kfac_cuda.Preconditioner(Block())
-    assert list(pre.layers) == ["ff"]
-    assert "MultiheadAttention" in dict(pre.unsupported)["attn"]
-    assert "attn.out_proj" not in pre.layers
+    assert list(pre.layers) == ["attn.in_proj.q", "attn.in_proj.k", "attn.in_proj.v", "attn.out_proj", "ff"]
+    assert not pre.unsupported
 
 
 def test_skip_modules_covers_submodules():

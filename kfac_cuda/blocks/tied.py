@@ -1,0 +1,181 @@
+"""A token embedding tied with the output head (``head.weight is emb.weight``): one parameter,
+one curvature block with both uses' statistics.
+
+Write the shared parameter as M (vocab x d), the embedding's storage. The output head
+(a Linear d -> vocab) sees M as its weight: its K-FAC block is A_h (x) G_h with A_h = E[h h^T]
+over its inputs (d side) and G_h = E[g g^T] over the logits' gradients (vocab side). The
+embedding sees M^T: its block (embedding.py) in M's orientation is G_e (x) D_e, with G_e over
+the embedding outputs' gradients (d side) and D_e = diag(token frequencies) (vocab side). So
+the embedding's input side is the head's output side, and the tied block is the sum
+
+    F ~ A_h (x) G_h + G_e (x) D_e        (vec stacks the columns of M; left factor on the d side)
+
+(the cross terms between the two uses are dropped, as K-FAC drops cross-layer terms). A sum of
+two Kronecker products has no Kronecker inverse; the block uses the eigenbases of its two
+partial traces, X = tr(G_h) A_h + tr(D_e) G_e (d side) and Y = tr(A_h) G_h + tr(G_e) D_e (vocab
+side) -- for a single term these are K-FAC's own bases -- and the exact diagonal of the sum in
+that basis, S = diag(Q_Y^T G_h Q_Y) diag(Q_X^T A_h Q_X)^T + diag(Q_Y^T D_e Q_Y) diag(Q_X^T G_e Q_X)^T,
+as an EKFAC-style rescaling: U = Q_Y [(Q_Y^T V Q_X) / (S + damping)] Q_X^T, with V the tied
+gradient (the sum of both uses' gradients, as autograd accumulates it). Where the two terms
+share eigenbases (e.g. one use alone) this is the exact inverse of the damped sum. The block is
+the same under every method (the factors are K-FAC's; TKFAC's trace weighting and EKFAC's
+re-estimated scales are not applied to the tied parameter). A head bias is left to the base
+optimizer.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from ..layers import LayerAdapter
+from .embedding import EmbeddingAdapter, TokenRows
+
+
+class TiedEmbeddingHead:
+    """The shared state of a tied embedding/head parameter (see the module docstring)."""
+
+    def __init__(self, vocab: int, d: int, dtype: torch.dtype, device: torch.device):
+        zeros = dict(dtype=dtype, device=device)
+        self.dtype = dtype
+        self.buffers = {"A_h": torch.zeros(d, d, **zeros), "G_h": torch.zeros(vocab, vocab, **zeros),
+                        "G_e": torch.zeros(d, d, **zeros), "D_e": torch.zeros(vocab, **zeros),
+                        "QX": None, "QY": None, "S": None}
+        self.initialized = {"head": False, "embedding": False}
+        self.eigh_failures = 0
+
+    @property
+    def factors_initialized(self) -> bool:
+        return all(self.initialized.values())
+
+    def partial_traces(self) -> List[torch.Tensor]:
+        """[X (d side), Y (vocab side)] whose eigenbases the block uses."""
+        b = self.buffers
+        X = b["A_h"] * b["G_h"].trace() + b["G_e"] * b["D_e"].sum()
+        Y = b["G_h"] * b["A_h"].trace() + torch.diag(b["D_e"]) * b["G_e"].trace()
+        return [X, Y]
+
+    def set_bases(self, x_eig, y_eig) -> None:
+        b = self.buffers
+        QX, QY = x_eig[1], y_eig[1]
+        diag_in = lambda Q, M: (Q * (M @ Q)).sum(0)  # noqa: E731  diag(Q^T M Q)
+        b["S"] = (torch.outer(diag_in(QY, b["G_h"]), diag_in(QX, b["A_h"]))
+                  + torch.outer((QY.square() * b["D_e"].unsqueeze(1)).sum(0), diag_in(QX, b["G_e"]))).clamp_min(0)
+        b["QX"], b["QY"] = QX, QY
+
+    def precondition(self, M: torch.Tensor, damping: float) -> torch.Tensor:
+        """U for the tied gradient in M's orientation (vocab x d)."""
+        b = self.buffers
+        M = M.to(self.dtype)
+        return b["QY"] @ ((b["QY"].t() @ M @ b["QX"]) / (b["S"] + damping)) @ b["QX"].t()
+
+
+class TiedUse:
+    """One use (``role`` "head" or "embedding") of a tied parameter, as the Preconditioner sees a
+    layer: the use's own factors are accumulated from its own captured batch; the basis, the
+    scales and the step come from the shared :class:`TiedEmbeddingHead`. The head use owns the
+    basis refresh and the KL-clipping sum (the embedding use reports <U, V> = 0, its U is the same)."""
+
+    def __init__(self, shared: TiedEmbeddingHead, role: str, adapter: LayerAdapter):
+        self.shared = shared
+        self.role = role
+        self.adapter = adapter
+        self.dtype = shared.dtype
+        self.dim = shared.buffers["A_h"].shape[0] * shared.buffers["D_e"].shape[0]
+        self.basis_sides = ("input (d side)", "output (vocab side)") if role == "head" else ()
+
+    @property
+    def buffers(self):
+        return self.shared.buffers
+
+    @property
+    def factors_initialized(self) -> bool:
+        return self.shared.factors_initialized
+
+    @property
+    def eigh_failures(self) -> int:
+        return self.shared.eigh_failures
+
+    @eigh_failures.setter
+    def eigh_failures(self, value: int) -> None:
+        self.shared.eigh_failures = value
+
+    def _names(self) -> Tuple[str, str]:
+        return ("A_h", "G_h") if self.role == "head" else ("D_e", "G_e")
+
+    def update_factors(self, batch, decay: float) -> None:
+        beta = decay if self.shared.initialized[self.role] else 0.0
+        inp, out = (self.buffers[k] for k in self._names())
+        if self.role == "embedding":
+            batch = TokenRows(batch, self.adapter.d_in)
+        batch.accumulate_input_factor(inp, beta, (1 - beta) * batch.a_norm)
+        batch.accumulate_output_factor(out, beta, (1 - beta) / batch.n)
+        self.shared.initialized[self.role] = True
+
+    def synced_factors(self) -> List[torch.Tensor]:
+        return [self.buffers[k] for k in self._names()]
+
+    def basis_sources(self) -> List[torch.Tensor]:
+        return self.shared.partial_traces() if self.role == "head" else []
+
+    def set_bases(self, *eigs) -> None:
+        if self.role == "head":
+            self.shared.set_bases(*eigs)
+
+    @property
+    def has_basis(self) -> bool:
+        return self.buffers["QX"] is not None
+
+    def update_scales(self, batch, decay: float, fresh: bool, restart: str = "kronecker") -> None:
+        """The scales follow the factors (set with the bases)."""
+
+    def synced_scales(self) -> List[torch.Tensor]:
+        return []
+
+    def natural_damping(self) -> Optional[float]:
+        return self.buffers["S"].mean().item()
+
+    def precondition(self, V: torch.Tensor, damping: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.role == "head":
+            U = self.shared.precondition(V, damping)
+            return U, (U * V.to(U.dtype)).sum()
+        U = self.shared.precondition(V.t(), damping).t()
+        return U, U.new_zeros(())
+
+    def state_dict(self) -> dict:
+        if self.role != "head":
+            return {}
+        return {"buffers": {k: (None if v is None else v.clone()) for k, v in self.buffers.items()},
+                "initialized": dict(self.shared.initialized), "eigh_failures": self.shared.eigh_failures}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.role != "head":
+            return
+        like = self.buffers["A_h"]
+        for k, v in state["buffers"].items():
+            if k not in self.buffers:
+                raise KeyError(f"unexpected curvature buffer {k!r} for tied layer {self.adapter.name}")
+            self.buffers[k] = None if v is None else v.to(device=like.device, dtype=like.dtype).clone()
+        self.shared.initialized.update(state["initialized"])
+        self.shared.eigh_failures = state["eigh_failures"]
+
+
+def tie_reason(adapters: List[LayerAdapter], max_factor_dim: int) -> Optional[str]:
+    """Why the adapters sharing one weight cannot form a tied embedding/head block, or None."""
+    kinds = sorted(type(a).__name__ for a in adapters)
+    if len(adapters) != 2 or not any(isinstance(a, EmbeddingAdapter) for a in adapters) or \
+            not any(type(a).__name__ == "LinearAdapter" for a in adapters):
+        return f"weight tied between {kinds}: only an embedding tied with one Linear head is supported"
+    vocab = next(a for a in adapters if isinstance(a, EmbeddingAdapter)).d_in
+    if vocab > max_factor_dim:
+        return f"tied embedding/head: vocabulary side {vocab} > max_factor_dim={max_factor_dim}"
+    return None
+
+
+def tied_uses(adapters: List[LayerAdapter], dtype: torch.dtype, device: torch.device) -> List[TiedUse]:
+    """The two uses of one tied embedding/head parameter, sharing one block (the head first)."""
+    embedding = next(a for a in adapters if isinstance(a, EmbeddingAdapter))
+    head = next(a for a in adapters if a is not embedding)
+    head.has_bias = False  # the shared weight alone; a head bias goes to the base optimizer
+    shared = TiedEmbeddingHead(embedding.d_in, embedding.d_out, dtype, device)
+    return [TiedUse(shared, "head", head), TiedUse(shared, "embedding", embedding)]
