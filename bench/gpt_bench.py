@@ -44,6 +44,8 @@ GRIDS: Dict[str, Sequence[float]] = {
     "pre-tkfac": (3e-3, 1e-2),
     "pre-ekfac": (3e-3, 1e-2),
     "pre-tekfac": (3e-3, 1e-2),
+    "pre-kfac-sqrt": (3e-3, 1e-2),
+    "pre-tekfac-sqrt": (3e-3, 1e-2),
     "tekfac-opt": (0.03, 0.1),
 }
 #: Curvature options of our methods: the library defaults' intervals, damping for a GPT.
@@ -99,8 +101,9 @@ def build(method: str, model: torch.nn.Module, lr: float):
 
         heavyball.utils.compile_mode = None  # eager: compile time would count as training time
         return heavyball.SOAP(model.parameters(), lr=lr), None
-    if method.startswith("pre-"):
-        pre = kfac_cuda.Preconditioner(model, method[4:], **KFAC_OPTIONS)
+    if method.startswith("pre-"):  # "pre-<method>" or "pre-<method>-sqrt" (exponent 1/2)
+        name, _, root = method[4:].partition("-")
+        pre = kfac_cuda.Preconditioner(model, name, exponent=0.5 if root == "sqrt" else 1.0, **KFAC_OPTIONS)
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), pre
     if method == "tekfac-opt":
         return kfac_cuda.TEKFAC(model, lr=lr, momentum=0.9, kl_clip=1e-3, **KFAC_OPTIONS), None

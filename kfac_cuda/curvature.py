@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .batch import LayerBatch
+from .exponent import powered
 from .layers import LayerAdapter
 from .ops import accumulate_scale, precondition
 
@@ -37,6 +38,7 @@ class KFACCurvature:
     """K-FAC: factors A (input side) and G (output side) and their eigenbases."""
 
     factor_names = ("A", "G")
+    exponent = 1.0  # the step is (F^ + damping I)^(-exponent) V (see exponent.py)
 
     def __init__(self, adapter: LayerAdapter, dtype: torch.dtype, device: torch.device, damping_style: str = "eigen"):
         self.adapter = adapter
@@ -88,7 +90,8 @@ class KFACCurvature:
     def _rotate(self, V: torch.Tensor, backend: str, **scaling) -> Tuple[torch.Tensor, torch.Tensor]:
         """(U, <U, V>) with U = Q_G [(Q_G^T V Q_A) / denominator] Q_A^T in the current bases
         (``scaling``: ``damping`` with ``scale`` or ``eig_g``/``eig_a``, as ``ops.precondition``)."""
-        return precondition(V, self.buffers["QG"], self.buffers["QA"], backend=backend, **scaling)
+        return precondition(V, self.buffers["QG"], self.buffers["QA"], backend=backend,
+                            **powered(self.exponent, **scaling))
 
     def natural_damping(self) -> Optional[float]:
         """Mean eigenvalue of the layer's curvature block, for adaptive conv damping

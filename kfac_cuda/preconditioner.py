@@ -28,6 +28,7 @@ from .capture import CaptureHooks
 from .checkpoint import curvature_state, load_curvature_state
 from .comm import LocalComm, OutputSpec
 from .curvature import CURVATURES, ScaleMixin
+from .exponent import check_exponent
 from .layers import Conv2dAdapter
 from .ops._dispatch import check_backend
 from .registration import Layers, register_layers, summary
@@ -76,6 +77,9 @@ class Preconditioner:
             ``step()`` for the parameter gradients, as for gradient clipping).
         check_finite: skip steps whose gradients or activations are not finite. The check
             reads a flag back to the host; pass False to capture a step in a CUDA graph.
+        exponent: the step is (F^ + damping I)^(-exponent) V, 0 < exponent <= 1: 1 (default) is the
+            natural gradient of the damped block, 0.5 the inverse square root of Shampoo/SOAP
+            (kfac_cuda/exponent.py).
         comm: what the step asks of the process group: ``LocalComm()`` (single process, the
             default) or ``kfac_cuda.DistributedComm(...)`` (see kfac_cuda.distributed).
     """
@@ -105,6 +109,7 @@ class Preconditioner:
         grad_scaler=None,
         check_finite: bool = True,
         comm: Optional[LocalComm] = None,
+        exponent: float = 1.0,
     ):
         self.method = _choice("method", method.lower(), METHODS)
         self.damping_style = _choice("damping_style", damping_style, ("eigen", "factored"))
@@ -149,6 +154,9 @@ class Preconditioner:
         self.layers, self.unsupported = register_layers(
             model, CURVATURES[self.method], skip_modules=skip_modules, max_factor_dim=max_factor_dim,
             damping_style=self.damping_style)
+        self.exponent = check_exponent(exponent)
+        for _, curvature in self.layers.values():
+            curvature.exponent = self.exponent
         self.hooks = CaptureHooks({n: a for n, (a, _) in self.layers.items()}, lambda: self.capturing,
                                   self.fisher, self.loss_reduction)
         me = weakref.ref(self)

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..curvature import CURVATURES
+from ..exponent import powered
 from ..layers import LayerAdapter
 from .rows import example_blocks, precondition_diagonal_input
 
@@ -164,7 +165,7 @@ class DiagonalInputMixin:
         return self.buffers["QG"] is not None
 
     def _rotate(self, V: torch.Tensor, backend: str, **scaling) -> Tuple[torch.Tensor, torch.Tensor]:
-        return precondition_diagonal_input(V, self.buffers["QG"], **scaling)
+        return precondition_diagonal_input(V, self.buffers["QG"], **powered(self.exponent, **scaling))
 
     def _accumulate_scales(self, batch, beta: float, alpha: float) -> None:
         S = self.buffers["S"]

@@ -78,6 +78,7 @@ class DiagonalCurvature:
     no-op, since D already is the second moment of the per-example gradients."""
 
     factor_names = ("D",)
+    exponent = 1.0  # U = V / (D + damping)^exponent (see kfac_cuda/exponent.py)
     basis_sides = ()
 
     def __init__(self, adapter: NormAdapter, dtype: torch.dtype, device: torch.device, **_):
@@ -128,7 +129,7 @@ class DiagonalCurvature:
 
     def precondition(self, V: torch.Tensor, damping: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
         V = V.to(self.dtype)
-        U = V / (self.buffers["D"] + damping)
+        U = V / (self.buffers["D"] + damping).pow(self.exponent)
         return U, (U * V).sum()
 
     def state_dict(self) -> dict:

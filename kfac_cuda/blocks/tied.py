@@ -38,6 +38,7 @@ class TiedEmbeddingHead:
     def __init__(self, vocab: int, d: int, dtype: torch.dtype, device: torch.device):
         zeros = dict(dtype=dtype, device=device)
         self.dtype = dtype
+        self.exponent = 1.0  # the step is (F^ + damping I)^(-exponent) V (see kfac_cuda/exponent.py)
         self.buffers = {"A_h": torch.zeros(d, d, **zeros), "G_h": torch.zeros(vocab, vocab, **zeros),
                         "G_e": torch.zeros(d, d, **zeros), "D_e": torch.zeros(vocab, **zeros),
                         "QX": None, "QY": None, "S": None}
@@ -67,7 +68,8 @@ class TiedEmbeddingHead:
         """U for the tied gradient in M's orientation (vocab x d)."""
         b = self.buffers
         M = M.to(self.dtype)
-        return b["QY"] @ ((b["QY"].t() @ M @ b["QX"]) / (b["S"] + damping)) @ b["QX"].t()
+        denominator = (b["S"] + damping).pow(self.exponent)
+        return b["QY"] @ ((b["QY"].t() @ M @ b["QX"]) / denominator) @ b["QX"].t()
 
 
 class TiedUse:
@@ -87,6 +89,14 @@ class TiedUse:
     @property
     def buffers(self):
         return self.shared.buffers
+
+    @property
+    def exponent(self) -> float:
+        return self.shared.exponent
+
+    @exponent.setter
+    def exponent(self, value: float) -> None:
+        self.shared.exponent = value
 
     @property
     def factors_initialized(self) -> bool:
