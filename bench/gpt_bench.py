@@ -46,7 +46,7 @@ GRIDS: Dict[str, Sequence[float]] = {
     "pre-tekfac": (3e-3, 1e-2),
     "pre-kfac-sqrt": (3e-3, 1e-2),
     "pre-tekfac-sqrt": (3e-3, 1e-2),
-    "tekfac-opt": (0.03, 0.1),
+    "tekfac-opt": (0.1, 0.03),
 }
 #: Curvature options of our methods: the library defaults' intervals, damping for a GPT.
 KFAC_OPTIONS = dict(damping=1e-3, factor_decay=0.95, factor_update_steps=10, inv_update_steps=100)
@@ -204,7 +204,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-tune", action="store_true", help="use each grid's first learning rate")
     p.add_argument("--out", type=Path, default=Path("out/gpt_bench.json"))
     p.add_argument("--plot", type=Path, default=None, help="PNG of validation loss vs steps and seconds")
+    p.add_argument("--combine", type=Path, nargs="+", default=None,
+                   help="merge the JSON reports of earlier runs into --out (and --plot) and exit")
     args = p.parse_args(argv)
+    if args.combine:
+        combine(args.combine, args.out, args.plot)
+        return 0
     if args.quick:
         args.seeds, args.steps, args.d_model, args.layers, args.heads = 1, 30, 32, 1, 2
         args.context, args.chars, args.eval_every, args.val_batches, args.batch_size = 32, 50_000, 10, 1, 8
@@ -235,7 +240,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               flush=True)
     runs = {m: [seed0[m] if s == 0 and m in seed0 else run(m, lrs[m], s, data, args) for s in range(args.seeds)]
             for m in methods}
-    base = "adamw" if "adamw" in runs else methods[0]
+    report = dict(args={k: str(v) for k, v in vars(args).items()}, commit=git_commit(), torch=torch.__version__,
+                  vocab=data.vocab, lrs=lrs, tuning=tuning, runs=runs, wall_seconds=time.perf_counter() - started)
+    finish(report, args.out, args.plot)
+    return 0
+
+
+def finish(report: Dict, out: Path, plot_path: Optional[Path]) -> None:
+    """Summarise ``report["runs"]`` against AdamW's median final validation loss, print the
+    table, write the JSON (and the plot)."""
+    runs = report["runs"]
+    base = "adamw" if "adamw" in runs else next(iter(runs))
     target = statistics.median(r["final"] for r in runs[base])
     base_sps = statistics.median(r["sec_per_step"] for r in runs[base])
     base_mb = statistics.median(r["state_mb"] for r in runs[base])
@@ -244,7 +259,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hits = [to_target(r["curve"], target) for r in rs]
         sps = statistics.median(r["sec_per_step"] for r in rs)
         ph = {k: statistics.median(r["phases"][k] / r["curve"][-1][0] for r in rs) for k in rs[0]["phases"]}
-        s = dict(lr=lrs[m], final=statistics.median(r["final"] for r in rs),
+        s = dict(lr=rs[0]["lr"], final=statistics.median(r["final"] for r in rs),
                  final_range=[min(r["final"] for r in rs), max(r["final"] for r in rs)],
                  steps_to_target=median([h[0] for h in hits]), seconds_to_target=median([h[1] for h in hits]),
                  reached=sum(h[0] is not None for h in hits), time_per_step_vs_base=sps / base_sps,
@@ -259,18 +274,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     + " / ".join(f"{1e3 * v:.1f}" for v in ph.values()) + " |")
     header = (f"| method | lr | final val (median [min-max]) | steps to {target:.3f} (reached) | s to target | "
               "time/step vs AdamW | state MB | ms/step fwd+bwd / precond / optim |\n|" + " --- |" * 8)
-    print(f"\n{args.seeds} seed(s), {args.steps} steps, target = {base}'s median final val loss {target:.3f}")
+    seeds = max(len(rs) for rs in runs.values())
+    print(f"\n{seeds} seed(s), target = {base}'s median final val loss {target:.3f}")
     print(header)
     print("\n".join(rows))
-    report = dict(args={k: str(v) for k, v in vars(args).items()}, commit=git_commit(), torch=torch.__version__,
-                  vocab=data.vocab, target=target, lrs=lrs, tuning=tuning, summary=summary,
-                  runs=runs, table="\n".join([header, *rows]), wall_seconds=time.perf_counter() - started)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    if args.plot:
-        plot(runs, args.plot, target)
-    print(f"wall {report['wall_seconds']:.0f} s; JSON: {args.out}")
-    return 0
+    report.update(target=target, summary=summary, table="\n".join([header, *rows]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    if plot_path:
+        plot(runs, plot_path, target)
+    print(f"JSON: {out}")
+
+
+def combine(paths: Sequence[Path], out: Path, plot_path: Optional[Path]) -> None:
+    """One report from several runs of this script (e.g. methods split over processes)."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    merged = dict(reports[0])
+    merged["runs"] = {m: rs for r in reports for m, rs in r["runs"].items()}
+    merged["lrs"] = {m: lr for r in reports for m, lr in r["lrs"].items()}
+    merged["parts"] = [dict(args=r["args"], commit=r["commit"], wall_seconds=r["wall_seconds"]) for r in reports]
+    finish(merged, out, plot_path)
 
 
 def plot(runs, path: Path, target: float) -> None:

@@ -149,9 +149,9 @@ class ScaleMixin:
     def _accumulate_scales(self, batch: LayerBatch, beta: float, alpha: float) -> None:
         """S <- beta S + alpha sum_i (Q_G^T dW_i Q_A)^2 over the batch's examples."""
         b = self.buffers
-        g, a = batch.scale_rows()
-        accumulate_scale(b["S"], g, a, b["QG"], b["QA"], bias=batch.bias, beta=beta, alpha=alpha,
-                         backend=batch.backend)
+        for i, (g, a) in enumerate(batch.scale_rows()):  # one call per sequence length in the batch
+            accumulate_scale(b["S"], g, a, b["QG"], b["QA"], bias=batch.bias, beta=beta if i == 0 else 1.0,
+                             alpha=alpha, backend=batch.backend)
 
     def synced_scales(self) -> List[torch.Tensor]:
         return [self.buffers["S"]]

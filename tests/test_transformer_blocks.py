@@ -327,3 +327,54 @@ def test_tied_weight_of_another_kind_is_left_to_the_base_optimizer_and_reported(
         pre = kfac_cuda.Preconditioner(model)
     reasons = dict(pre.unsupported)
     assert not pre.layers and "tied" in reasons["0"] and "tied" in reasons["2"]
+
+
+# --- sequence layouts and per-token losses ---------------------------------------------------------
+class SeqNet(nn.Module):
+    """Embedding -> LayerNorm -> MultiheadAttention -> head, batch-first or sequence-first."""
+
+    def __init__(self, batch_first):
+        super().__init__()
+        torch.manual_seed(10)
+        self.emb, self.norm = nn.Embedding(6, 4), nn.LayerNorm(4)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=batch_first)
+        self.head = nn.Linear(4, 6)
+
+    def forward(self, x):
+        h = self.norm(self.emb(x))
+        return self.head(h + self.attn(h, h, h, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("method", ["kfac", "tekfac"])
+def test_sequence_first_layout_equals_batch_first(method):
+    first, second = SeqNet(True).double(), SeqNet(False).double()
+    options = dict(factor_update_steps=1, inv_update_steps=2, damping=1e-2, backend="torch")
+    pre_b = kfac_cuda.Preconditioner(first, method, **options)
+    pre_s = kfac_cuda.Preconditioner(second, method, batch_dim=1, **options)
+    g = torch.Generator().manual_seed(11)
+    for _ in range(3):
+        x, y = torch.randint(0, 6, (4, 5), generator=g), torch.randint(0, 6, (4, 5), generator=g)
+        train_step(first, pre_b, x, y)
+        second.zero_grad()
+        logits = second(x.t())  # (T, n)
+        F.cross_entropy(logits.reshape(-1, 6), y.t().reshape(-1)).backward()
+        assert pre_s.step()
+        for (name, p), q in zip(first.named_parameters(), second.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_per_token_loss_counts_tokens_when_the_first_layer_is_an_embedding():
+    torch.manual_seed(12)
+    model = TokenNet().double()
+    x, y = torch.randint(0, 7, (3, 5)), torch.randint(0, 3, (3, 5))
+    store = {}
+    hook = model.out.register_forward_hook(lambda m, i, o: (o.retain_grad(), store.__setitem__("o", o))[-1])
+    logits = model(x)
+    F.cross_entropy(logits.reshape(-1, 3), y.reshape(-1), reduction="sum").backward()
+    hook.remove()
+    g = store["o"].grad.reshape(-1, 3)  # per-token output gradients
+    model.zero_grad()
+    pre = kfac_cuda.Preconditioner(model, "kfac", factor_decay=0.0, factor_update_steps=1, loss_terms="tokens",
+                                   backend="torch")
+    train_step(model, pre, x, y)  # mean over the 15 tokens
+    torch.testing.assert_close(curvature(pre, "out")["G"], g.t() @ g / 15)

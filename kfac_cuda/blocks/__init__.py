@@ -20,7 +20,7 @@ __all__ = ["block_adapters", "curvature_class"]
 def block_adapters(name: str, module: nn.Module, *args) -> Optional[Tuple[List[LayerAdapter], Optional[str]]]:
     """None for modules not handled here; else (adapters, reason the module is not preconditioned or None)."""
     if isinstance(module, nn.MultiheadAttention):
-        return attention_adapters(name, module, *args), None
+        return attention_adapters(name, module), None
     if isinstance(module, nn.Embedding):
         reason = embedding_reason(module)
         return ([] if reason else [EmbeddingAdapter(name, module, *args)]), reason

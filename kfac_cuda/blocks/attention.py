@@ -170,15 +170,17 @@ class AttentionReroute:
         return (out if m.batch_first else out.transpose(0, 1)), weights
 
 
-def attention_adapters(name: str, module: nn.MultiheadAttention, *args) -> List[LinearAdapter]:
-    """The q, k, v blocks and out_proj of a MultiheadAttention (rerouting hook installed)."""
+def attention_adapters(name: str, module: nn.MultiheadAttention) -> List[LinearAdapter]:
+    """The q, k, v blocks and out_proj of a MultiheadAttention (rerouting hook installed). Their
+    rows are batch-first whatever the module's layout (the recomputation transposes)."""
     existing = getattr(module, "_kfac_reroute", None)
     if existing is not None:
         existing.remove()
     views = [ProjectionView(module, i) for i in range(3)]
     AttentionReroute(module, views)
     prefix = f"{name}." if name else ""
-    adapters: List[LinearAdapter] = [ProjectionAdapter(f"{prefix}in_proj.{p}", v, *args)
-                                     for p, v in zip(_PROJECTIONS, views)]
-    adapters.append(LinearAdapter(f"{prefix}out_proj", module.out_proj, *args))
+    adapters: List[LinearAdapter] = [ProjectionAdapter(f"{prefix}in_proj.{p}", v) for p, v in zip(_PROJECTIONS, views)]
+    for adapter in adapters:
+        adapter.owner = name  # the module that owns the packed parameters
+    adapters.append(LinearAdapter(f"{prefix}out_proj", module.out_proj))
     return adapters

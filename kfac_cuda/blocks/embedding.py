@@ -60,11 +60,23 @@ class EmbeddingAdapter(LayerAdapter):
     def set_grad_matrix(self, U: torch.Tensor) -> None:
         self.module.weight.grad.copy_(U.t())
 
+    def batch_size(self, x: torch.Tensor) -> int:
+        """Examples in an index tensor: its ``batch_dim`` (a 1-D input is one sequence)."""
+        return x.shape[self.batch_dim] if x.dim() > 1 else 1
+
+    def token_count(self, x: torch.Tensor) -> int:
+        """Tokens in an index tensor (the loss terms of a per-token loss)."""
+        return x.numel()
+
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         """Token indices as (n, T, 1) rows."""
+        if x.dim() > 1 and self.batch_dim:
+            x = x.movedim(self.batch_dim, 0)
         return x.reshape(x.shape[0] if x.dim() > 1 else 1, -1, 1)
 
     def output_grads(self, g: torch.Tensor) -> torch.Tensor:
+        if g.dim() > 2 and self.batch_dim:
+            g = g.movedim(self.batch_dim, 0)
         return g.reshape(g.shape[0] if g.dim() > 2 else 1, -1, g.shape[-1])
 
 

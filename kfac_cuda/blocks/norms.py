@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..layers import LayerAdapter
+from ..layers import LinearAdapter
 from .rows import example_blocks
 
 
@@ -43,7 +43,7 @@ def norm_reason(module: nn.Module) -> Optional[str]:
     return None
 
 
-class NormAdapter(LayerAdapter):
+class NormAdapter(LinearAdapter):
     """LayerNorm (scale and shift) or RMSNorm (scale): rows are the normalised inputs xhat."""
 
     def __init__(self, name: str, module: nn.Module, *args):
@@ -66,10 +66,7 @@ class NormAdapter(LayerAdapter):
         else:
             mean = x.mean(-1, keepdim=True)
             xhat = (x - mean) * torch.rsqrt((x - mean).square().mean(-1, keepdim=True) + self._eps(x))
-        return xhat.reshape(xhat.shape[0] if xhat.dim() > 1 else 1, -1, xhat.shape[-1])
-
-    def output_grads(self, g: torch.Tensor) -> torch.Tensor:
-        return g.reshape(g.shape[0] if g.dim() > 1 else 1, -1, g.shape[-1])
+        return self._rows(xhat)
 
 
 class DiagonalCurvature:

@@ -8,9 +8,8 @@ import torch
 
 
 def example_blocks(batch) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """(g (n, T, d_out), a (n, T, d_in)) per group of examples of a LayerBatch."""
-    blocks = getattr(batch, "blocks", None)
-    return list(blocks) if blocks is not None else [(batch.g, batch.a)]
+    """(g (n, T, d_out), a (n, T, d_in)) per forward pass of a LayerBatch."""
+    return list(batch.blocks)
 
 
 def precondition_diagonal_input(V: torch.Tensor, QG: torch.Tensor, *, damping: float,
