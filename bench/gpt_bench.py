@@ -303,11 +303,11 @@ def plot(runs, path: Path, target: float) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for m, rs in runs.items():
+    for k, (m, rs) in enumerate(runs.items()):
+        color = f"C{k}"
         for i, r in enumerate(rs):
             steps, secs, vals = zip(*r["curve"][1:])
-            kw = dict(label=m if i == 0 else None, alpha=0.8, lw=1)
-            color = axes[0].plot(steps, vals, **kw)[0].get_color()
+            axes[0].plot(steps, vals, color=color, label=m if i == 0 else None, alpha=0.8, lw=1)
             axes[1].plot(secs, vals, color=color, alpha=0.8, lw=1)
     for ax, xlabel in zip(axes, ("step", "training seconds (1 CPU thread, shared machine)")):
         ax.axhline(target, color="k", ls=":", lw=1)

@@ -30,6 +30,7 @@ from .checkpoint import curvature_state, load_curvature_state
 from .comm import LocalComm, OutputSpec
 from .curvature import CURVATURES, ScaleMixin
 from .distributed import DistributedComm
+from .blocks import WIDE_SIDE
 from .exponent import check_exponent
 from .layers import Conv2dAdapter
 from .ops._dispatch import check_backend
@@ -101,7 +102,10 @@ class Preconditioner:
             (batch-first, default) or 1 (sequence-first, e.g. ``batch_first=False`` models).
         backend: "auto" | "torch" | "cuda" for the hot ops.
         skip_modules: module names, types or instances left alone, with everything inside them.
-        max_factor_dim: layers whose factor side exceeds this are skipped (listed).
+        max_factor_dim, wide_side: a factor side wider than ``max_factor_dim`` is kept "diagonal"
+            (default), replaced by a scaled "identity", or the layer is left out ("skip", listed);
+            see kfac_cuda/blocks/wide.py. ``summary()`` gives each layer's curvature memory and
+            eigendecomposition work.
         grad_scaler: the ``torch.amp.GradScaler`` scaling the loss, if any: captured output
             gradients are divided by its scale (call ``scaler.unscale_(optimizer)`` before
             ``step()`` for the parameter gradients, as for gradient clipping).
@@ -142,6 +146,7 @@ class Preconditioner:
         backend: str = "auto",
         skip_modules: Iterable = (),
         max_factor_dim: int = 8192,
+        wide_side: str = "diagonal",
         grad_scaler=None,
         check_finite: bool = True,
         comm: Optional[LocalComm] = None,
@@ -161,6 +166,7 @@ class Preconditioner:
         self.loss_reduction = _choice("loss_reduction", loss_reduction, ("mean", "sum"))
         self.loss_terms = _choice("loss_terms", loss_terms, LOSS_TERMS)
         self.exponent = check_exponent(exponent)
+        self.wide_side = _choice("wide_side", wide_side, WIDE_SIDE)
         if batch_dim not in (0, 1) or isinstance(batch_dim, bool):
             raise ValueError(f"batch_dim must be 0 (batch-first) or 1 (sequence-first), got {batch_dim!r}")
         self.batch_dim = int(batch_dim)
@@ -199,7 +205,7 @@ class Preconditioner:
         optimised = None if parameters is None else {id(p) for p in parameters}
         self.layers, self.unsupported = register_layers(
             model, CURVATURES[self.method], skip_modules=skip_modules, max_factor_dim=max_factor_dim,
-            damping_style=self.damping_style, batch_dim=self.batch_dim, per_token=self.loss_terms == "tokens",
+            wide_side=self.wide_side, damping_style=self.damping_style, batch_dim=self.batch_dim, per_token=self.loss_terms == "tokens",
             parameters=optimised)
         self._parameter_report = parameter_report(model, self.layers, self.unsupported, optimised)
         me = weakref.ref(self)  # the hooks must not keep the Preconditioner alive

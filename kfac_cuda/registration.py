@@ -18,7 +18,7 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 import torch
 import torch.nn as nn
 
-from .blocks import block_adapters, curvature_class
+from .blocks import block_adapters, curvature_class, footprint, wide_sides
 from .blocks.tied import tie_reason, tied_uses
 from .curvature import KFACCurvature
 from .layers import Conv2dAdapter, LayerAdapter, adapter_for
@@ -36,7 +36,7 @@ def parameter_owners(model: nn.Module) -> Dict[int, List[str]]:
 
 
 def register_layers(model: nn.Module, curvature_cls: type, *, skip_modules: Iterable, max_factor_dim: int,
-                    damping_style: str, batch_dim: int = 0, per_token: bool = False,
+                    damping_style: str, wide_side: str = "diagonal", batch_dim: int = 0, per_token: bool = False,
                     parameters: Optional[Set[int]] = None) -> Tuple[Layers, List[Tuple[str, str]]]:
     """Return ({name: (adapter, curvature)} for each supported layer, [(name, reason)] for
     each module with parameters that is not preconditioned).
@@ -102,21 +102,25 @@ def register_layers(model: nn.Module, curvature_cls: type, *, skip_modules: Iter
             if adapter.has_bias and bias is not None and why_not(bias, owner) is not None:
                 adapter.has_bias = False  # the weight alone; the bias goes to the base optimizer
             side = getattr(adapter, "full_factor_side", max(adapter.d_in + int(adapter.has_bias), adapter.d_out))
-            if side > max_factor_dim:
+            wide = wide_sides(adapter, max_factor_dim)
+            if side > max_factor_dim and (wide_side == "skip" or not wide):
                 unsupported.append((adapter.name, f"factor side {side} > max_factor_dim={max_factor_dim}"))
                 continue
+            if wide:  # a diagonal (or identity) factor on each wide side, the other side full
+                adapter.wide_sides, adapter.wide_policy = wide, wide_side
             dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
             layers[adapter.name] = (adapter, curvature_class(adapter, curvature_cls)(
                 adapter, dtype, weight.device, damping_style=damping_style))
     for key, uses in tied.items():
-        reason = tie_reason(uses, max_factor_dim) if len(uses) == len(owners[key]) else "not every use is a layer"
+        reason = tie_reason(uses) if len(uses) == len(owners[key]) else "not every use is a layer"
         if reason is not None:
             others = lambda a: ", ".join(o for o in owners[key] if o != a.name)  # noqa: E731
             unsupported.extend((a.name, f"weight tied with {others(a)}; left to the base optimizer ({reason})")
                                for a in uses)
             continue
         weight = uses[0].module.weight
-        for use in tied_uses(uses, torch.float64 if weight.dtype == torch.float64 else torch.float32, weight.device):
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        for use in tied_uses(uses, dtype, weight.device, max_factor_dim):
             layers[use.adapter.name] = (use.adapter, use)
             if use.role == "head" and getattr(use.adapter.module, "bias", None) is not None:
                 unsupported.append((use.adapter.name, "its bias is left to the base optimizer (tied weight)"))
@@ -157,9 +161,9 @@ def summary(method: str, layers: Layers, unsupported: List[Tuple[str, str]],
     """A table of the preconditioned layers, of those left to the plain optimizer, and of
     what happens to every parameter."""
     lines = [f"kfac_cuda.Preconditioner(method={method!r}): {len(layers)} layers preconditioned"]
-    for name, (adapter, _) in layers.items():
+    for name, (adapter, curvature) in layers.items():
         lines.append(f"  + {name or '<model>'}: {type(adapter.module).__name__} "
-                     f"{adapter.d_out}x{adapter.d_in}{' +bias' if adapter.has_bias else ''}")
+                     f"{adapter.d_out}x{adapter.d_in}{' +bias' if adapter.has_bias else ''} ({footprint(curvature)})")
     for name, reason in unsupported:
         lines.append(f"  - {name or '<model>'}: not preconditioned ({reason})")
     lines.append("parameters:")

@@ -176,7 +176,7 @@ def test_unsupported_layers_listed_and_trained_by_sgd():
 def test_max_factor_dim_and_skip_modules():
     model = nn.Sequential(nn.Linear(100, 4), nn.Linear(4, 2))
     with pytest.warns(RuntimeWarning, match="no supported layer"):
-        pre = kfac_cuda.Preconditioner(model, max_factor_dim=50, skip_modules=["1"])
+        pre = kfac_cuda.Preconditioner(model, max_factor_dim=50, wide_side="skip", skip_modules=["1"])
     assert not pre.layers
     assert {n for n, _ in pre.unsupported} == {"0", "1"}
 

@@ -241,6 +241,7 @@ def test_attention_output_and_gradients_unchanged_by_the_capture():
     plain = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
     pre = kfac_cuda.Preconditioner(model, factor_update_steps=1)
+    assert {"attn.in_proj.q", "attn.in_proj.k", "attn.in_proj.v", "attn.out_proj"} <= set(pre.layers)
     captured = model(x)
     torch.testing.assert_close(captured, logits)
     F.cross_entropy(captured.reshape(-1, 6), y.reshape(-1)).backward()
@@ -278,7 +279,8 @@ class Tied(nn.Module):
         return self.head(torch.tanh(self.mid(self.emb(x))))
 
 
-def test_tied_embedding_and_head_form_one_block_with_both_uses_statistics():
+@pytest.mark.parametrize("max_factor_dim", [8192, 5])  # 5: the vocabulary side (6) is kept diagonal
+def test_tied_embedding_and_head_form_one_block_with_both_uses_statistics(max_factor_dim):
     torch.manual_seed(9)
     model = Tied().double()
     n, T, damping = 5, 3, 1e-2
@@ -303,14 +305,18 @@ def test_tied_embedding_and_head_form_one_block_with_both_uses_statistics():
     G_e, D_e = g_e.t() @ g_e / n, torch.bincount(tokens, minlength=6).double() / (n * T)
     X = A_h * G_h.trace() + G_e * D_e.sum()
     Y = G_h * A_h.trace() + torch.diag(D_e) * G_e.trace()
-    QX, QY = torch.linalg.eigh(X)[1], torch.linalg.eigh(Y)[1]
+    if max_factor_dim < 6:
+        G_h = torch.diag(torch.diagonal(G_h))
+        Y = torch.diag(torch.diagonal(Y))  # the vocabulary basis is the identity
+    QX = torch.linalg.eigh(X)[1]
+    QY = torch.linalg.eigh(Y)[1] if max_factor_dim >= 6 else torch.eye(6, dtype=torch.float64)
     S = (torch.outer(torch.diagonal(QY.t() @ G_h @ QY), torch.diagonal(QX.t() @ A_h @ QX))
          + torch.outer(torch.diagonal(QY.t() @ torch.diag(D_e) @ QY), torch.diagonal(QX.t() @ G_e @ QX)))
     expected = QY @ ((QY.t() @ tied_grad @ QX) / (S + damping)) @ QX.t()
 
     model.zero_grad()
     pre = kfac_cuda.Preconditioner(model, "kfac", factor_decay=0.0, factor_update_steps=1, damping=damping,
-                                   backend="torch")
+                                   max_factor_dim=max_factor_dim, backend="torch")
     assert {"emb", "head"} <= set(pre.layers) and not pre.unsupported
     model.zero_grad()
     logits = model(x)

@@ -64,6 +64,7 @@ def test_gpt_checkpoint_resume_is_identical(method):
         if state is not None:
             model.load_state_dict(state[0])
         pre = kfac_cuda.Preconditioner(model, method, factor_update_steps=1, inv_update_steps=2, backend="torch")
+        assert {"tok", "lm_head", "blocks.0.self_attn.in_proj.q", "blocks.0.norm1"} <= set(pre.layers)
         if state is not None:
             pre.load_state_dict(state[1])
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -80,3 +81,39 @@ def test_gpt_checkpoint_resume_is_identical(method):
     resumed, _ = run(range(2, 4), (half.state_dict(), pre.state_dict()))
     for a, b in zip(full.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(3)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def test_every_hf_gpt2_parameter_is_preconditioned():
+    """HF GPT-2 from GPT2Config (no download): Conv1D projections, LayerNorms, both embeddings and
+    the lm_head tied to wte."""
+    model = tiny_gpt2()
+    pre = kfac_cuda.Preconditioner(model)
+    assert not pre.unsupported, pre.summary()
+    missing = [n for n, p in model.named_parameters() if id(p) not in preconditioned_parameters(pre)]
+    assert not missing, pre.summary()
+    assert "transformer.wte.weight: preconditioned" in pre.summary()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_hf_gpt2_trains_under_bf16_autocast_with_float32_curvature(method):
+    model = tiny_gpt2()
+    pre = kfac_cuda.Preconditioner(model, method, factor_update_steps=1, inv_update_steps=2, backend="torch")
+    for step in range(3):
+        x, _ = batch(step)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x, labels=x).loss
+        loss.backward()
+        raw = {n: p.grad.clone() for n, p in model.named_parameters()}
+        assert pre.step()
+    for name, (_, curvature) in pre.layers.items():
+        assert all(t.dtype == torch.float32 for t in curvature.buffers.values() if t is not None), name
+    assert not [n for n, p in model.named_parameters() if torch.equal(p.grad, raw[n])]

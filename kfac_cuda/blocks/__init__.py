@@ -13,8 +13,9 @@ from ..layers import LayerAdapter
 from .attention import attention_adapters
 from .embedding import EMBEDDING_CURVATURES, EmbeddingAdapter, embedding_reason
 from .norms import DiagonalCurvature, NormAdapter, is_rms_norm, norm_reason
+from .wide import WIDE_CURVATURES, WIDE_SIDE, footprint
 
-__all__ = ["block_adapters", "curvature_class"]
+__all__ = ["block_adapters", "curvature_class", "wide_sides", "WIDE_SIDE", "footprint"]
 
 
 def block_adapters(name: str, module: nn.Module, *args) -> Optional[Tuple[List[LayerAdapter], Optional[str]]]:
@@ -32,11 +33,23 @@ def block_adapters(name: str, module: nn.Module, *args) -> Optional[Tuple[List[L
     return None
 
 
+def wide_sides(adapter: LayerAdapter, max_factor_dim: int) -> Tuple[str, ...]:
+    """The sides ("input", "output") of a Kronecker-factored layer wider than ``max_factor_dim``
+    (embeddings and norms have their own fixed structure: none)."""
+    if isinstance(adapter, (NormAdapter, EmbeddingAdapter)):
+        return ()
+    dims = (("input", adapter.d_in + int(adapter.has_bias)), ("output", adapter.d_out))
+    return tuple(side for side, d in dims if d > max_factor_dim)
+
+
 def curvature_class(adapter: LayerAdapter, method_class: type) -> type:
-    """The curvature class of ``adapter`` under the method whose Linear curvature is ``method_class``."""
+    """The curvature class of ``adapter`` under the method whose Linear curvature is ``method_class``
+    (``adapter.wide_sides``, when set, selects the per-side policy of blocks/wide.py)."""
     if isinstance(adapter, NormAdapter):
         return DiagonalCurvature
+    method = next(m for m, cls in CURVATURES.items() if cls is method_class)
     if isinstance(adapter, EmbeddingAdapter):
-        method = next(m for m, cls in CURVATURES.items() if cls is method_class)
         return EMBEDDING_CURVATURES[method]
+    if getattr(adapter, "wide_sides", ()):
+        return WIDE_CURVATURES[method]
     return method_class

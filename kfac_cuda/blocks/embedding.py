@@ -12,7 +12,12 @@ so the input side is the vocabulary and the output side the embedding dimension.
 With weight sharing (T tokens per example) the rows follow batch.py: ``expand`` counts
 every token, A = diag(count_k) / (n T); ``reduce`` averages the one-hot rows over positions,
 abar_i = c_i / T, and keeps the (exact) diagonal of A = E_i[abar_i abar_i^T]. With one token
-per example and one example, A (x) G is the dense Fisher block itself (tested).
+per example and one example, A (x) G is the dense Fisher block itself (tested). An embedding
+called on indices without the batch dimension and broadcast over the batch afterwards (a
+position embedding called on ``arange(T)``) only ever sees the batch-summed output gradient:
+its statistics are those of one example carrying that sum (the per-example gradients are
+gone before the layer). Pass the indices with the batch dimension (``arange(T).expand(n, T)``)
+for the per-example statistics.
 
 Methods: K-FAC / TKFAC use the diagonal input factor with the output factor's eigenbasis
 (the input basis is the identity); EKFAC / TEKFAC re-estimate the scales in that basis,
@@ -28,37 +33,25 @@ import torch.nn as nn
 
 from ..curvature import CURVATURES
 from ..exponent import powered
-from ..layers import LayerAdapter
-from .rows import example_blocks, precondition_diagonal_input
+from ..layers import TransposedLinearAdapter
+from .rows import example_blocks
+from .wide import precondition_sides
 
 _CHUNK_ELEMENTS = 1 << 24  # per-example gradients materialised at once for the scales
 
 
-class EmbeddingAdapter(LayerAdapter):
-    """nn.Embedding (dense gradients): V = dE^T of shape (embedding_dim, num_embeddings)."""
+class EmbeddingAdapter(TransposedLinearAdapter):
+    """nn.Embedding (dense gradients): V = dE^T of shape (embedding_dim, num_embeddings) -- its
+    weight is stored (d_in, d_out) = (num_embeddings, embedding_dim), as transformers' Conv1D."""
 
     def __init__(self, name: str, module: nn.Embedding, *args):
         super().__init__(name, module, *args)
         self.has_bias = False
 
     @property
-    def d_out(self) -> int:
-        return self.module.weight.shape[1]
-
-    @property
-    def d_in(self) -> int:
-        return self.module.weight.shape[0]
-
-    @property
     def full_factor_side(self) -> int:
         """The only full factor is the output side (embedding_dim)."""
         return self.d_out
-
-    def grad_matrix(self) -> torch.Tensor:
-        return self.module.weight.grad.t()
-
-    def set_grad_matrix(self, U: torch.Tensor) -> None:
-        self.module.weight.grad.copy_(U.t())
 
     def batch_size(self, x: torch.Tensor) -> int:
         """Examples in an index tensor: its ``batch_dim`` (a 1-D input is one sequence)."""
@@ -75,6 +68,8 @@ class EmbeddingAdapter(LayerAdapter):
         return x.reshape(x.shape[0] if x.dim() > 1 else 1, -1, 1)
 
     def output_grads(self, g: torch.Tensor) -> torch.Tensor:
+        """(n, T, d) rows, n following the indices (one more dim than them): an index tensor
+        without a batch dim is one example."""
         if g.dim() > 2 and self.batch_dim:
             g = g.movedim(self.batch_dim, 0)
         return g.reshape(g.shape[0] if g.dim() > 2 else 1, -1, g.shape[-1])
@@ -177,7 +172,7 @@ class DiagonalInputMixin:
         return self.buffers["QG"] is not None
 
     def _rotate(self, V: torch.Tensor, backend: str, **scaling) -> Tuple[torch.Tensor, torch.Tensor]:
-        return precondition_diagonal_input(V, self.buffers["QG"], **powered(self.exponent, **scaling))
+        return precondition_sides(V, self.buffers["QG"], None, **powered(self.exponent, **scaling))
 
     def _accumulate_scales(self, batch, beta: float, alpha: float) -> None:
         S = self.buffers["S"]

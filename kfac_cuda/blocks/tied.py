@@ -20,7 +20,8 @@ gradient (the sum of both uses' gradients, as autograd accumulates it). Where th
 share eigenbases (e.g. one use alone) this is the exact inverse of the damped sum. The block is
 the same under every method (the factors are K-FAC's; TKFAC's trace weighting and EKFAC's
 re-estimated scales are not applied to the tied parameter). A head bias is left to the base
-optimizer.
+optimizer. A vocabulary wider than ``max_factor_dim`` keeps G_h as its diagonal and the
+vocabulary side's basis is the identity (the wide-side policy of wide.py).
 """
 from __future__ import annotations
 
@@ -30,16 +31,18 @@ import torch
 
 from ..layers import LayerAdapter
 from .embedding import EmbeddingAdapter, TokenRows
+from .wide import SideRows
 
 
 class TiedEmbeddingHead:
     """The shared state of a tied embedding/head parameter (see the module docstring)."""
 
-    def __init__(self, vocab: int, d: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, vocab: int, d: int, dtype: torch.dtype, device: torch.device, vocab_diagonal: bool = False):
         zeros = dict(dtype=dtype, device=device)
         self.dtype = dtype
+        self.vocab_diagonal = vocab_diagonal  # G_h kept as its diagonal (a vocabulary wider than max_factor_dim)
         self.exponent = 1.0  # the step is (F^ + damping I)^(-exponent) V (see kfac_cuda/exponent.py)
-        self.buffers = {"A_h": torch.zeros(d, d, **zeros), "G_h": torch.zeros(vocab, vocab, **zeros),
+        self.buffers = {"A_h": torch.zeros(d, d, **zeros), "G_h": torch.zeros(vocab, *(() if vocab_diagonal else (vocab,)), **zeros),
                         "G_e": torch.zeros(d, d, **zeros), "D_e": torch.zeros(vocab, **zeros),
                         "QX": None, "QY": None, "S": None}
         self.initialized = {"head": False, "embedding": False}
@@ -50,18 +53,22 @@ class TiedEmbeddingHead:
         return all(self.initialized.values())
 
     def partial_traces(self) -> List[torch.Tensor]:
-        """[X (d side), Y (vocab side)] whose eigenbases the block uses."""
+        """[X (d side), Y (vocab side)] whose eigenbases the block uses (X alone when the vocabulary
+        side is diagonal: its basis is the identity)."""
         b = self.buffers
-        X = b["A_h"] * b["G_h"].trace() + b["G_e"] * b["D_e"].sum()
-        Y = b["G_h"] * b["A_h"].trace() + torch.diag(b["D_e"]) * b["G_e"].trace()
-        return [X, Y]
+        trace_gh = b["G_h"].sum() if self.vocab_diagonal else b["G_h"].trace()
+        X = b["A_h"] * trace_gh + b["G_e"] * b["D_e"].sum()
+        if self.vocab_diagonal:
+            return [X]
+        return [X, b["G_h"] * b["A_h"].trace() + torch.diag(b["D_e"]) * b["G_e"].trace()]
 
-    def set_bases(self, x_eig, y_eig) -> None:
+    def set_bases(self, x_eig, y_eig=None) -> None:
         b = self.buffers
-        QX, QY = x_eig[1], y_eig[1]
+        QX, QY = x_eig[1], None if y_eig is None else y_eig[1]
         diag_in = lambda Q, M: (Q * (M @ Q)).sum(0)  # noqa: E731  diag(Q^T M Q)
-        b["S"] = (torch.outer(diag_in(QY, b["G_h"]), diag_in(QX, b["A_h"]))
-                  + torch.outer((QY.square() * b["D_e"].unsqueeze(1)).sum(0), diag_in(QX, b["G_e"]))).clamp_min(0)
+        head_y = b["G_h"] if QY is None else diag_in(QY, b["G_h"])
+        embedding_y = b["D_e"] if QY is None else (QY.square() * b["D_e"].unsqueeze(1)).sum(0)
+        b["S"] = (torch.outer(head_y, diag_in(QX, b["A_h"])) + torch.outer(embedding_y, diag_in(QX, b["G_e"]))).clamp_min(0)
         b["QX"], b["QY"] = QX, QY
 
     def precondition(self, M: torch.Tensor, damping: float) -> torch.Tensor:
@@ -69,6 +76,8 @@ class TiedEmbeddingHead:
         b = self.buffers
         M = M.to(self.dtype)
         denominator = (b["S"] + damping).pow(self.exponent)
+        if b["QY"] is None:  # identity basis on a diagonal vocabulary side
+            return ((M @ b["QX"]) / denominator) @ b["QX"].t()
         return b["QY"] @ ((b["QY"].t() @ M @ b["QX"]) / denominator) @ b["QX"].t()
 
 
@@ -85,6 +94,8 @@ class TiedUse:
         self.dtype = shared.dtype
         self.dim = shared.buffers["A_h"].shape[0] * shared.buffers["D_e"].shape[0]
         self.basis_sides = ("input (d side)", "output (vocab side)") if role == "head" else ()
+        self.diagonal = ("output",) if role == "head" and shared.vocab_diagonal else ()
+        self.identity = False
 
     @property
     def buffers(self):
@@ -118,6 +129,8 @@ class TiedUse:
         inp, out = (self.buffers[k] for k in self._names())
         if self.role == "embedding":
             batch = TokenRows(batch, self.adapter.d_in)
+        elif self.diagonal:
+            batch = SideRows(batch, self.diagonal)
         batch.accumulate_input_factor(inp, beta, (1 - beta) * batch.a_norm)
         batch.accumulate_output_factor(out, beta, (1 - beta) / batch.n)
         self.shared.initialized[self.role] = True
@@ -170,22 +183,22 @@ class TiedUse:
         self.shared.eigh_failures = state["eigh_failures"]
 
 
-def tie_reason(adapters: List[LayerAdapter], max_factor_dim: int) -> Optional[str]:
+def tie_reason(adapters: List[LayerAdapter]) -> Optional[str]:
     """Why the adapters sharing one weight cannot form a tied embedding/head block, or None."""
     kinds = sorted(type(a).__name__ for a in adapters)
     if len(adapters) != 2 or not any(isinstance(a, EmbeddingAdapter) for a in adapters) or \
             not any(type(a).__name__ == "LinearAdapter" for a in adapters):
         return f"weight tied between {kinds}: only an embedding tied with one Linear head is supported"
-    vocab = next(a for a in adapters if isinstance(a, EmbeddingAdapter)).d_in
-    if vocab > max_factor_dim:
-        return f"tied embedding/head: vocabulary side {vocab} > max_factor_dim={max_factor_dim}"
     return None
 
 
-def tied_uses(adapters: List[LayerAdapter], dtype: torch.dtype, device: torch.device) -> List[TiedUse]:
-    """The two uses of one tied embedding/head parameter, sharing one block (the head first)."""
+def tied_uses(adapters: List[LayerAdapter], dtype: torch.dtype, device: torch.device,
+              max_factor_dim: int) -> List[TiedUse]:
+    """The two uses of one tied embedding/head parameter, sharing one block (the head first); a
+    vocabulary wider than ``max_factor_dim`` keeps the vocabulary side diagonal (blocks/wide.py)."""
     embedding = next(a for a in adapters if isinstance(a, EmbeddingAdapter))
     head = next(a for a in adapters if a is not embedding)
     head.has_bias = False  # the shared weight alone; a head bias goes to the base optimizer
-    shared = TiedEmbeddingHead(embedding.d_in, embedding.d_out, dtype, device)
+    shared = TiedEmbeddingHead(embedding.d_in, embedding.d_out, dtype, device,
+                               vocab_diagonal=embedding.d_in > max_factor_dim)
     return [TiedUse(shared, "head", head), TiedUse(shared, "embedding", embedding)]
