@@ -91,6 +91,11 @@ class ProjectionAdapter(LinearAdapter):
     def d_in(self) -> int:
         return self.module.weight_rows().shape[1]
 
+    @property
+    def bias_shape(self):
+        """The packed q/k/v bias this block takes rows of."""
+        return (3 * self.module.attention.embed_dim,)
+
     def grad_matrix(self) -> torch.Tensor:
         view = self.module
         w = view.weight.grad[view.rows] if view.packed else view.weight.grad

@@ -164,6 +164,13 @@ class DiagonalInputMixin:
     def basis_sources(self) -> List[torch.Tensor]:
         return [super().basis_sources()[1]]
 
+    basis_keys = ("eA", "QG", "eG")  # no input basis: the identity
+
+    def buffer_shapes(self):
+        shapes = super().buffer_shapes()
+        shapes["A"] = (self.adapter.d_in,)
+        return shapes
+
     def set_bases(self, output_eig) -> None:
         super().set_bases((self.buffers["A"].clamp_min(0), None), output_eig)
 

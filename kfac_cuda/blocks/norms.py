@@ -82,6 +82,7 @@ class DiagonalCurvature:
         self.adapter = adapter
         self.dtype = dtype
         self.dim = adapter.d_out * (1 + int(adapter.has_bias))
+        self.grad_shape = (adapter.d_out, 1 + int(adapter.has_bias))
         self.buffers = {"D": torch.zeros(adapter.d_out, 1 + int(adapter.has_bias), dtype=dtype, device=device)}
         self.factors_initialized = False
         self.ready = False
@@ -129,16 +130,38 @@ class DiagonalCurvature:
         U = V / (self.buffers["D"] + damping).pow(self.exponent)
         return U, (U * V).sum()
 
+    def zero_synced_factors(self) -> None:
+        """Zeros in place of D (a rank whose batch did not use the layer; see curvature.py)."""
+        self.buffers["D"].zero_()
+        self.factors_initialized = True
+
+    def zero_synced_scales(self) -> None:
+        """No scales."""
+
+    # --- transactions and checkpoints ---------------------------------------------------------
+    basis_keys = ()
+
+    def snapshot(self) -> dict:
+        return {"D": self.buffers["D"].clone(), "factors_initialized": self.factors_initialized, "ready": self.ready}
+
+    def restore(self, snapshot: dict) -> None:
+        self.buffers["D"] = snapshot["D"]
+        self.factors_initialized, self.ready = snapshot["factors_initialized"], snapshot["ready"]
+
+    def finite(self) -> torch.Tensor:
+        return torch.isfinite(self.buffers["D"]).all()
+
+    def buffer_shapes(self) -> dict:
+        return {"D": tuple(self.buffers["D"].shape)}
+
     def state_dict(self) -> dict:
         return {"buffers": {k: v.clone() for k, v in self.buffers.items()},
                 "factors_initialized": self.factors_initialized, "ready": self.ready,
                 "eigh_failures": self.eigh_failures}
 
     def load_state_dict(self, state: dict) -> None:
-        for k, v in state["buffers"].items():
-            if k not in self.buffers:
-                raise KeyError(f"unexpected curvature buffer {k!r} for layer {self.adapter.name}")
-            self.buffers[k] = v.to(device=self.buffers["D"].device, dtype=self.dtype).clone()
+        """Load a state validated by :func:`kfac_cuda.checkpoint.check_curvature_state`."""
+        self.buffers["D"] = state["buffers"]["D"].to(device=self.buffers["D"].device, dtype=self.dtype).clone()
         self.factors_initialized = state["factors_initialized"]
-        self.ready = state["ready"]
+        self.ready = bool(state.get("ready", state["factors_initialized"]))
         self.eigh_failures = state["eigh_failures"]

@@ -93,13 +93,15 @@ class TiedUse:
         self.adapter = adapter
         self.dtype = shared.dtype
         self.dim = shared.buffers["A_h"].shape[0] * shared.buffers["D_e"].shape[0]
+        self.grad_shape = (adapter.d_out, adapter.d_in)
         self.basis_sides = ("input (d side)", "output (vocab side)") if role == "head" else ()
         self.diagonal = ("output",) if role == "head" and shared.vocab_diagonal else ()
         self.identity = False
 
     @property
-    def buffers(self):
-        return self.shared.buffers
+    def buffers(self) -> dict:
+        """The shared block's buffers, held (checkpointed, snapshotted) by the head use alone."""
+        return self.shared.buffers if self.role == "head" else {}
 
     @property
     def exponent(self) -> float:
@@ -126,7 +128,7 @@ class TiedUse:
 
     def update_factors(self, batch, decay: float) -> None:
         beta = decay if self.shared.initialized[self.role] else 0.0
-        inp, out = (self.buffers[k] for k in self._names())
+        inp, out = (self.shared.buffers[k] for k in self._names())
         if self.role == "embedding":
             batch = TokenRows(batch, self.adapter.d_in)
         elif self.diagonal:
@@ -136,7 +138,15 @@ class TiedUse:
         self.shared.initialized[self.role] = True
 
     def synced_factors(self) -> List[torch.Tensor]:
-        return [self.buffers[k] for k in self._names()]
+        return [self.shared.buffers[k] for k in self._names()]
+
+    def zero_synced_factors(self) -> None:
+        for t in self.synced_factors():
+            t.zero_()
+        self.shared.initialized[self.role] = True
+
+    def zero_synced_scales(self) -> None:
+        """The scales follow the factors."""
 
     def basis_sources(self) -> List[torch.Tensor]:
         return self.shared.partial_traces() if self.role == "head" else []
@@ -147,7 +157,7 @@ class TiedUse:
 
     @property
     def has_basis(self) -> bool:
-        return self.buffers["QX"] is not None
+        return self.shared.buffers["QX"] is not None
 
     def update_scales(self, batch, decay: float, fresh: bool, restart: str = "kronecker") -> None:
         """The scales follow the factors (set with the bases)."""
@@ -156,7 +166,7 @@ class TiedUse:
         return []
 
     def natural_damping(self) -> Optional[float]:
-        return self.buffers["S"].mean().item()
+        return self.shared.buffers["S"].mean().item()
 
     def precondition(self, V: torch.Tensor, damping: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.role == "head":
@@ -165,21 +175,48 @@ class TiedUse:
         U = self.shared.precondition(V.t(), damping).t()
         return U, U.new_zeros(())
 
-    def state_dict(self) -> dict:
+    # --- transactions and checkpoints (the head use holds the shared state) --------------------
+    @property
+    def basis_keys(self) -> Tuple[str, ...]:
+        if self.role != "head":
+            return ()
+        return ("QX", "S") if self.shared.vocab_diagonal else ("QX", "QY", "S")
+
+    def snapshot(self) -> dict:
         if self.role != "head":
             return {}
+        return {"buffers": {k: (v if v is None or k in ("QX", "QY", "S") else v.clone()) for k, v in self.buffers.items()},
+                "initialized": dict(self.shared.initialized)}
+
+    def restore(self, snapshot: dict) -> None:
+        if self.role == "head":
+            self.shared.buffers = dict(snapshot["buffers"])
+            self.shared.initialized = dict(snapshot["initialized"])
+
+    def finite(self) -> torch.Tensor:
+        flags = [torch.isfinite(v).all() for v in self.buffers.values() if v is not None]
+        return torch.stack(flags).all() if flags else torch.tensor(True)
+
+    def buffer_shapes(self) -> dict:
+        if self.role != "head":
+            return {}
+        vocab, d = self.shared.buffers["D_e"].shape[0], self.shared.buffers["A_h"].shape[0]
+        return {"A_h": (d, d), "G_h": tuple(self.shared.buffers["G_h"].shape), "G_e": (d, d), "D_e": (vocab,),
+                "QX": (d, d), "QY": (vocab, vocab), "S": (vocab, d)}
+
+    def state_dict(self) -> dict:
         return {"buffers": {k: (None if v is None else v.clone()) for k, v in self.buffers.items()},
-                "initialized": dict(self.shared.initialized), "eigh_failures": self.shared.eigh_failures}
+                "factors_initialized": self.factors_initialized, "initialized": dict(self.shared.initialized),
+                "eigh_failures": self.shared.eigh_failures}
 
     def load_state_dict(self, state: dict) -> None:
+        """Load a state validated by :func:`kfac_cuda.checkpoint.check_curvature_state`."""
         if self.role != "head":
             return
-        like = self.buffers["A_h"]
+        like = self.shared.buffers["A_h"]
         for k, v in state["buffers"].items():
-            if k not in self.buffers:
-                raise KeyError(f"unexpected curvature buffer {k!r} for tied layer {self.adapter.name}")
-            self.buffers[k] = None if v is None else v.to(device=like.device, dtype=like.dtype).clone()
-        self.shared.initialized.update(state["initialized"])
+            self.shared.buffers[k] = None if v is None else v.to(device=like.device, dtype=like.dtype).clone()
+        self.shared.initialized.update(state.get("initialized", {}))
         self.shared.eigh_failures = state["eigh_failures"]
 
 

@@ -100,6 +100,19 @@ class WideSidesMixin:
     def update_factors(self, batch, decay: float) -> None:
         super().update_factors(SideRows(batch, self.diagonal), decay)
 
+    @property
+    def basis_keys(self) -> Tuple[str, ...]:
+        """The buffers set_bases sets (no basis on a diagonal side)."""
+        return tuple(k for side, keys in (("input", ("QA", "eA")), ("output", ("QG", "eG"))) for k in keys
+                     if not (side in self.diagonal and k.startswith("Q")))
+
+    def buffer_shapes(self):
+        shapes = super().buffer_shapes()
+        for side, key in (("input", "A"), ("output", "G")):
+            if side in self.diagonal:
+                shapes[key] = tuple(self.buffers[key].shape)
+        return shapes
+
     def basis_sources(self) -> List[torch.Tensor]:
         return [m for side, m in zip(("input", "output"), super().basis_sources()) if side not in self.diagonal]
 
