@@ -117,3 +117,45 @@ def test_hf_gpt2_trains_under_bf16_autocast_with_float32_curvature(method):
     for name, (_, curvature) in pre.layers.items():
         assert all(t.dtype == torch.float32 for t in curvature.buffers.values() if t is not None), name
     assert not [n for n, p in model.named_parameters() if torch.equal(p.grad, raw[n])]
+
+
+def curvature_copy(pre):
+    return {n: {k: None if t is None else t.clone() for k, t in c.buffers.items()} for n, (_, c) in pre.layers.items()}
+
+
+def test_overflowing_step_leaves_every_block_untouched():
+    """A step whose curvature would overflow float32 is refused and every block (embedding, norm,
+    attention, tied head) is restored to its state before the step."""
+    torch.manual_seed(4)
+    model = TorchGPT(vocab=11, d_model=8, layers=1, heads=2, context=6)
+    pre = kfac_cuda.Preconditioner(model, "tekfac", factor_update_steps=1, inv_update_steps=1, backend="torch")
+    x, y = batch(0)
+    F.cross_entropy(model(x).reshape(-1, 11), y.reshape(-1)).backward()
+    assert pre.step()
+    before = curvature_copy(pre)
+    model.zero_grad()
+    (1e30 * F.cross_entropy(model(x).reshape(-1, 11), y.reshape(-1))).backward()  # finite gradients, g^2 overflows
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        assert not pre.step()
+    after = curvature_copy(pre)
+    for name, buffers in before.items():
+        for key, t in buffers.items():
+            assert (t is None and after[name][key] is None) or torch.equal(t, after[name][key]), (name, key)
+
+
+def test_wide_layer_checkpoint_round_trips():
+    torch.manual_seed(5)
+    model = NanoGPT(vocab=11, d_model=8, layers=1, heads=2, context=6)
+    options = dict(factor_update_steps=1, inv_update_steps=2, max_factor_dim=16, backend="torch")
+    pre = kfac_cuda.Preconditioner(model, "ekfac", **options)  # the MLP's 32-wide sides are diagonal
+    assert "diagonal" in pre.summary()
+    x, y = batch(1)
+    F.cross_entropy(model(x).reshape(-1, 11), y.reshape(-1)).backward()
+    assert pre.step()
+    fresh = kfac_cuda.Preconditioner(NanoGPT(vocab=11, d_model=8, layers=1, heads=2, context=6), "ekfac", **options)
+    fresh.load_state_dict(pre.state_dict())
+    assert curvature_copy(fresh).keys() == curvature_copy(pre).keys()
+    for name, buffers in curvature_copy(pre).items():
+        for key, t in buffers.items():
+            other = fresh.layers[name][1].buffers[key]
+            assert (t is None and other is None) or torch.equal(t, other), (name, key)
