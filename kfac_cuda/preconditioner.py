@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -192,6 +193,7 @@ class Preconditioner:
         model = unwrap(model)  # layer names (and checkpoints) independent of DDP / torch.compile
         self.model_params: Dict[str, nn.Parameter] = dict(model.named_parameters())  # finiteness check
         self.steps = 0
+        self._paused = False
         self.schedule = Schedule(self.factor_update_steps, self.inv_update_steps, self.scale_update_steps,
                                  issubclass(CURVATURES[self.method], ScaleMixin))
         self.layers: Layers
@@ -229,7 +231,16 @@ class Preconditioner:
     @property
     def capturing(self) -> bool:
         """Whether the hooks capture on the current step."""
-        return self._due().capture
+        return not self._paused and self._due().capture
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Capture nothing inside the block (the quadratic model's extra passes over the batch)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def sample_fisher(self, outputs: torch.Tensor, loss: str = "cross_entropy") -> None:
         """MC ("true") Fisher: sample targets from the model's predictive distribution and
