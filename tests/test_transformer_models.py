@@ -123,6 +123,7 @@ def curvature_copy(pre):
     return {n: {k: None if t is None else t.clone() for k, t in c.buffers.items()} for n, (_, c) in pre.layers.items()}
 
 
+@pytest.mark.filterwarnings("ignore:kfac_cuda. eigendecomposition:RuntimeWarning")  # of the overflowed factors
 def test_overflowing_step_leaves_every_block_untouched():
     """A step whose curvature would overflow float32 is refused and every block (embedding, norm,
     attention, tied head) is restored to its state before the step."""
