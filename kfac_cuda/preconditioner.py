@@ -35,6 +35,8 @@ from .checkpoint import check_curvature_state, curvature_state
 from .comm import LocalComm, OutputSpec
 from .curvature import CURVATURES, ScaleMixin
 from .distributed import DistributedComm
+from .blocks import WIDE_SIDE
+from .exponent import check_exponent
 from .layers import Conv2dAdapter
 from . import options
 from .ops._dispatch import check_backend
@@ -103,12 +105,18 @@ class Preconditioner:
             (batch-first, default) or 1 (sequence-first, e.g. ``batch_first=False`` models).
         backend: "auto" | "torch" | "cuda" for the hot ops.
         skip_modules: module names, types or instances left alone, with everything inside them.
-        max_factor_dim: layers whose factor side exceeds this are skipped (listed).
+        max_factor_dim, wide_side: a factor side wider than ``max_factor_dim`` is kept "diagonal"
+            (default), replaced by a scaled "identity", or the layer is left out ("skip", listed);
+            see kfac_cuda/blocks/wide.py. ``summary()`` gives each layer's curvature memory and
+            eigendecomposition work.
         grad_scaler: the ``torch.amp.GradScaler`` scaling the loss, if any: captured output
             gradients are divided by its scale (call ``scaler.unscale_(optimizer)`` before
             ``step()`` for the parameter gradients, as for gradient clipping).
         check_finite: skip steps whose gradients or activations are not finite. The check
             reads a flag back to the host; pass False to capture a step in a CUDA graph.
+        exponent: the step is (F^ + damping I)^(-exponent) V, 0 < exponent <= 1: 1 (default) is the
+            natural gradient of the damped block, 0.5 the inverse square root of Shampoo/SOAP
+            (kfac_cuda/exponent.py).
         comm: what the step asks of the process group: ``kfac_cuda.DistributedComm(...)`` (see
             kfac_cuda.distributed) or ``kfac_cuda.LocalComm()`` (this process alone). Default:
             ``DistributedComm()`` when torch.distributed is initialised with more than one rank
@@ -141,10 +149,12 @@ class Preconditioner:
         backend: str = "auto",
         skip_modules: Iterable = (),
         max_factor_dim: int = 8192,
+        wide_side: str = "diagonal",
         grad_scaler=None,
         check_finite: bool = True,
         comm: Optional[LocalComm] = None,
         parameters: Optional[Iterable[nn.Parameter]] = None,
+        exponent: float = 1.0,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"kfac_cuda: the first argument must be the model (an nn.Module), got "
@@ -158,6 +168,8 @@ class Preconditioner:
         self.weight_sharing = options.choice("weight_sharing", weight_sharing, SHARING)
         self.loss_reduction = options.choice("loss_reduction", loss_reduction, ("mean", "sum"))
         self.loss_terms = options.choice("loss_terms", loss_terms, LOSS_TERMS)
+        self.exponent = check_exponent(exponent)
+        self.wide_side = options.choice("wide_side", wide_side, WIDE_SIDE)
         if batch_dim not in (0, 1) or isinstance(batch_dim, bool):
             raise ValueError(f"batch_dim must be 0 (batch-first) or 1 (sequence-first), got {batch_dim!r}")
         self.batch_dim = int(batch_dim)
@@ -189,17 +201,23 @@ class Preconditioner:
         optimised = None if parameters is None else {id(p) for p in parameters}
         self.layers, self.unsupported = register_layers(
             model, CURVATURES[self.method], skip_modules=skip_modules, max_factor_dim=max_factor_dim,
-            damping_style=self.damping_style, batch_dim=self.batch_dim, per_token=self.loss_terms == "tokens",
+            wide_side=self.wide_side, damping_style=self.damping_style, batch_dim=self.batch_dim, per_token=self.loss_terms == "tokens",
             parameters=optimised)
         self._parameter_report = parameter_report(model, self.layers, self.unsupported, optimised)
         me = weakref.ref(self)  # the hooks must not keep the Preconditioner alive
         self.hooks = CaptureHooks(model, {n: a for n, (a, _) in self.layers.items()},
                                   lambda: me() is not None and me().capturing, self.fisher, self.loss_reduction,
                                   per_token=self.loss_terms == "tokens")
+        for _, curvature in self.layers.values():
+            curvature.exponent = self.exponent
+        for adapter, _ in self.layers.values():  # attention layers reroute their forward on capturing steps
+            getattr(adapter, "bind", lambda active: None)(lambda: me() is not None and me().capturing)
 
     def remove(self) -> None:
-        """Remove the module hooks."""
+        """Remove the module hooks (and the attention layers' capture hooks)."""
         self.hooks.remove()
+        for adapter, _ in self.layers.values():
+            getattr(adapter, "remove", lambda: None)()
 
     def summary(self) -> str:
         """A table of the preconditioned layers, of those left to the plain optimizer (why), and
@@ -242,7 +260,7 @@ class Preconditioner:
     def _batches(self, names: Sequence[str]) -> Dict[str, LayerBatch]:
         scaler = self.grad_scaler
         return self.hooks.batches(names, sharing=self.weight_sharing, backend=self.backend,
-                                  dtypes={n: c.buffers["A"].dtype for n, (_, c) in self.layers.items()},
+                                  dtypes={n: c.dtype for n, (_, c) in self.layers.items()},
                                   grad_scale=scaler.get_scale() if scaler is not None and scaler.is_enabled()
                                   else None)
 
@@ -264,18 +282,22 @@ class Preconditioner:
     def _refresh_bases(self, names: Sequence[str]) -> List[str]:
         """Recompute the eigenbases of ``names``. A layer whose decomposition fails keeps its
         previous basis (warned); returns the layers that failed and have no basis at all."""
-        mats, labels, costs = [], [], []
+        mats, labels, costs, counts = [], [], [], []
         for n in names:
-            for side, m in zip(("input", "output"), self.layers[n][1].basis_sources()):
+            sources = self.layers[n][1].basis_sources()  # full factors only (a diagonal side has none)
+            sides = getattr(self.layers[n][1], "basis_sides", ("input", "output"))
+            counts.append(len(sources))
+            for side, m in zip(sides, sources):
                 mats.append(m)
                 labels.append(f"{n or '<model>'} {side} factor")
                 costs.append(float(m.shape[0]) ** 3)
         eigs = self.comm.eigh_many(mats, labels, costs)
+        start = 0
         without_basis = []
-        for i, n in enumerate(names):
+        for n, count in zip(names, counts):
             curvature = self.layers[n][1]
-            inp, out = eigs[2 * i], eigs[2 * i + 1]
-            if inp is None or out is None:
+            layer_eigs, start = eigs[start:start + count], start + count
+            if any(e is None for e in layer_eigs):
                 curvature.eigh_failures += 1
                 if curvature.eigh_failures >= MAX_EIGH_FAILURES:
                     raise RuntimeError(f"kfac_cuda: eigendecomposition of layer {n!r} failed "
@@ -287,7 +309,7 @@ class Preconditioner:
                     without_basis.append(n)
                 continue
             curvature.eigh_failures = 0
-            curvature.set_bases(inp, out)
+            curvature.set_bases(*layer_eigs)
         return without_basis
 
     @torch.no_grad()
@@ -363,10 +385,11 @@ class Preconditioner:
         """Refuse layers whose parameters were replaced by ones of another shape."""
         for n in names:
             adapter, curvature = self.layers[n]
-            want = (curvature.buffers["G"].shape[0], curvature.buffers["A"].shape[0])
+            want = curvature.grad_shape
             got = (adapter.d_out, adapter.d_in + int(adapter.has_bias))
             bias = getattr(adapter.module, "bias", None)
-            if got != want or (adapter.has_bias and (bias is None or bias.shape != (adapter.d_out,))):
+            bias_shape = getattr(adapter, "bias_shape", (adapter.d_out,))  # attention: the packed q/k/v bias
+            if got != want or (adapter.has_bias and (bias is None or tuple(bias.shape) != bias_shape)):
                 raise ValueError(f"kfac_cuda: layer {n!r} changed shape since the Preconditioner was built "
                                  f"(weight {tuple(adapter.module.weight.shape)}, gradient matrix {got}, "
                                  f"curvature for {want}): build a new optimizer for the new model")
@@ -450,7 +473,7 @@ class Preconditioner:
         damping = self._dampings(ready)
         jobs = [(lambda n=n: self.layers[n][1].precondition(grads[n], damping[n], self.backend)) for n in ready]
         costs = [float(grads[n].numel() * sum(grads[n].shape)) for n in ready]  # GEMM multiply-adds / 2
-        specs = [OutputSpec(grads[n].shape, self.layers[n][1].buffers["QA"].dtype, grads[n].device) for n in ready]
+        specs = [OutputSpec(grads[n].shape, self.layers[n][1].dtype, grads[n].device) for n in ready]
         return dict(zip(ready, self.comm.precondition_all(jobs, costs, specs)))
 
     def _write_back(self, results: Dict[str, Tuple[torch.Tensor, torch.Tensor]], lrs: Dict[str, float]) -> None:
