@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .comm import LocalComm
-from .preconditioner import default_comm
+from .distributed import default_comm
 from .curvature_products import ggn_gram_matrix
 from .quadratic_model import QuadraticModel, model_change, solve_coefficients, updated_damping
 

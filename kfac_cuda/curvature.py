@@ -67,7 +67,7 @@ class KFACCurvature:
 
     def zero_synced_factors(self) -> None:
         """Zeros in place of the factors that ranks average: this rank's share when its batch
-        did not use the layer while another rank's did (see Preconditioner._update_curvature)."""
+        did not use the layer while another rank's did (see kfac_cuda.estimation)."""
         for t in self.synced_factors():
             t.zero_()
         self.factors_initialized = True
@@ -170,7 +170,6 @@ class ScaleMixin:
         the old basis: it is replaced by the Kronecker-structured scales of the new basis
         (``restart="kronecker"``: l_G l_A^T, the EMA factors' own estimate of the same
         quantity) before the EMA step, or dropped (``restart="batch"``: S <- S_batch)."""
-        b = self.buffers
         beta = self._restart_scales(decay, fresh, restart)
         self._accumulate_scales(batch, beta, (1 - beta) / batch.n)
 

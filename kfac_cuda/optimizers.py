@@ -18,7 +18,8 @@ from torch.optim import Optimizer
 
 from .adaptive_step import check_supported, martens_grosse_step
 from .options import sgd_hyperparameters
-from .preconditioner import Preconditioner, unwrap
+from .preconditioner import Preconditioner
+from .registration import unwrap
 from .quadratic_model import QuadraticModel
 
 

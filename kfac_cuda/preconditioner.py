@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from .batch import SHARING, LayerBatch
@@ -34,40 +33,20 @@ from .capture import CaptureHooks
 from .checkpoint import check_curvature_state, curvature_state
 from .comm import LocalComm, OutputSpec
 from .curvature import CURVATURES, ScaleMixin
-from .distributed import DistributedComm
+from .distributed import default_comm
 from .blocks import WIDE_SIDE
 from .exponent import check_exponent
 from .layers import Conv2dAdapter
 from . import options
 from .ops._dispatch import check_backend
-from .registration import Layers, parameter_report, register_layers, summary
+from .estimation import update_curvature
+from .registration import Layers, parameter_report, register_layers, summary, unwrap
 from .schedule import Due, Schedule
+from . import step_guard
 
 METHODS = tuple(CURVATURES)
-MAX_EIGH_FAILURES = 3
 LrArg = options.LrArg
 LOSS_TERMS = ("examples", "tokens")
-
-
-def default_comm() -> LocalComm:
-    """``DistributedComm()`` when torch.distributed is initialised with more than one rank (a
-    model trained on several ranks must not keep each rank's own curvature), else ``LocalComm()``."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return DistributedComm()
-    return LocalComm()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel / torch.compile wrappers (in any nesting), so that
-    layer names, and checkpoints, do not depend on the wrapper."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
-            model = model._orig_mod
-        else:
-            return model
-
 
 
 class Preconditioner:
@@ -279,39 +258,6 @@ class Preconditioner:
         dense = max(conv.values(), default=self.damping)
         return {n: conv.get(n, dense) for n in names}
 
-    def _refresh_bases(self, names: Sequence[str]) -> List[str]:
-        """Recompute the eigenbases of ``names``. A layer whose decomposition fails keeps its
-        previous basis (warned); returns the layers that failed and have no basis at all."""
-        mats, labels, costs, counts = [], [], [], []
-        for n in names:
-            sources = self.layers[n][1].basis_sources()  # full factors only (a diagonal side has none)
-            sides = getattr(self.layers[n][1], "basis_sides", ("input", "output"))
-            counts.append(len(sources))
-            for side, m in zip(sides, sources):
-                mats.append(m)
-                labels.append(f"{n or '<model>'} {side} factor")
-                costs.append(float(m.shape[0]) ** 3)
-        eigs = self.comm.eigh_many(mats, labels, costs)
-        start = 0
-        without_basis = []
-        for n, count in zip(names, counts):
-            curvature = self.layers[n][1]
-            layer_eigs, start = eigs[start:start + count], start + count
-            if any(e is None for e in layer_eigs):
-                curvature.eigh_failures += 1
-                if curvature.eigh_failures >= MAX_EIGH_FAILURES:
-                    raise RuntimeError(f"kfac_cuda: eigendecomposition of layer {n!r} failed "
-                                       f"{curvature.eigh_failures} times in a row")
-                if curvature.has_basis:
-                    warnings.warn(f"kfac_cuda: eigendecomposition of layer {n!r} failed; keeping its previous "
-                                  "basis", RuntimeWarning)
-                else:
-                    without_basis.append(n)
-                continue
-            curvature.eigh_failures = 0
-            curvature.set_bases(*layer_eigs)
-        return without_basis
-
     @torch.no_grad()
     def step(self, lr: LrArg = None, *, params: Optional[Iterable[torch.Tensor]] = None) -> bool:
         """Update the curvature as scheduled and replace each layer's ``.grad`` by its
@@ -335,41 +281,44 @@ class Preconditioner:
                 optimizers pass theirs).
         """
         self.hooks.check_attached()
-        self._check_shapes([n for n, (a, _) in self.layers.items() if a.module.weight.grad is not None])
+        step_guard.check_shapes(self.layers, [n for n, (a, _) in self.layers.items() if a.module.weight.grad is not None])
         self.comm.average_gradients()  # may give a layer unused here the gradient of other ranks
         names = [n for n, (a, _) in self.layers.items() if a.module.weight.grad is not None]
         lrs = ({n: self._lr_of(self.layers[n][0].module.weight, lr) for n in names}
                if self.kl_clip is not None else {})
-        factors_due, bases_due, scales_due = self._due()
+        due = self._due()
         try:
-            batches = self._batches(names) if (factors_due or scales_due) else {}
+            batches = self._batches(names) if due.capture else {}
             grads = {n: self.layers[n][0].grad_matrix() for n in names}
             if self.check_finite:
-                bad = self._nonfinite_inputs(grads, batches, params)
+                bad = step_guard.nonfinite_inputs(grads, batches, list(self.model_params.items()) +
+                                                  [(f"param #{i}", p) for i, p in enumerate(params or ())])
                 if not self.comm.all_true(not bad):
                     warnings.warn(f"kfac_cuda: non-finite gradient or activation at step {self.steps}"
                                   f"{' (' + ', '.join(bad) + ')' if bad else ' on another rank'}; "
                                   "step skipped, curvature left untouched", RuntimeWarning)
                     return False
-            touched = (factors_due or bases_due or scales_due
+            touched = (any(due)
                        or any(not self.layers[n][1].has_basis for n in names))  # else the curvature is read only
-            snapshots = {n: self.layers[n][1].snapshot() for n in names} if touched else {}
+            snapshots = step_guard.snapshot(self.layers, names if touched else [])
             try:
-                without_basis = self._update_curvature(names, batches, factors_due, bases_due, scales_due)
+                without_basis = update_curvature(self.layers, names, batches, due, self.comm,
+                                                 factor_decay=self.factor_decay, scale_decay=self.scale_decay,
+                                                 scale_restart=self.scale_restart)
             except BaseException:
-                self._restore(snapshots)
+                step_guard.restore(self.layers, snapshots)
                 raise
             if without_basis:
-                self._restore(snapshots)
+                step_guard.restore(self.layers, snapshots)
                 warnings.warn(f"kfac_cuda: the first eigendecomposition of layer(s) {without_basis} failed, so "
                               f"there is no basis to precondition with: step {self.steps} skipped, curvature "
                               "and gradients left untouched (retried on the next step)", RuntimeWarning)
                 return False
             results = self._precondition(names, grads)
             if self.check_finite:
-                bad = self._nonfinite_curvature(list(snapshots), results)
+                bad = step_guard.nonfinite_curvature(self.layers, list(snapshots), results)
                 if not self.comm.all_true(not bad):
-                    self._restore(snapshots)
+                    step_guard.restore(self.layers, snapshots)
                     warnings.warn(f"kfac_cuda: the curvature or preconditioned gradient of layer(s) "
                                   f"{bad or 'on another rank'} would become non-finite at step {self.steps} "
                                   "(e.g. activations too large for the factors' dtype): step skipped, "
@@ -380,92 +329,6 @@ class Preconditioner:
             return True
         finally:
             self.hooks.clear()
-
-    def _check_shapes(self, names: Sequence[str]) -> None:
-        """Refuse layers whose parameters were replaced by ones of another shape."""
-        for n in names:
-            adapter, curvature = self.layers[n]
-            want = curvature.grad_shape
-            got = (adapter.d_out, adapter.d_in + int(adapter.has_bias))
-            bias = getattr(adapter.module, "bias", None)
-            bias_shape = getattr(adapter, "bias_shape", (adapter.d_out,))  # attention: the packed q/k/v bias
-            if got != want or (adapter.has_bias and (bias is None or tuple(bias.shape) != bias_shape)):
-                raise ValueError(f"kfac_cuda: layer {n!r} changed shape since the Preconditioner was built "
-                                 f"(weight {tuple(adapter.module.weight.shape)}, gradient matrix {got}, "
-                                 f"curvature for {want}): build a new optimizer for the new model")
-
-    def _restore(self, snapshots: Dict[str, dict]) -> None:
-        for n, snap in snapshots.items():
-            self.layers[n][1].restore(snap)
-
-    def _nonfinite_inputs(self, grads: Dict[str, torch.Tensor], batches: Dict[str, LayerBatch],
-                          params: Optional[Iterable[torch.Tensor]]) -> List[str]:
-        """Names of the non-finite gradients and captured activations (one host sync)."""
-        items: Dict[str, List[torch.Tensor]] = {f"gradient of {n!r}": [g] for n, g in grads.items()}
-        for n, b in batches.items():
-            items[f"activations or output gradients of {n!r}"] = b.tensors()
-        seen = set()
-        for name, p in list(self.model_params.items()) + [(f"param #{i}", p) for i, p in enumerate(params or ())]:
-            if p.grad is not None and id(p) not in seen:
-                seen.add(id(p))
-                items[f"gradient of {name!r}"] = [p.grad]
-        return self._nonfinite({k: torch.stack([torch.isfinite(t).all() for t in ts]).all()
-                                for k, ts in items.items() if ts})
-
-    def _nonfinite_curvature(self, updated: Sequence[str], results) -> List[str]:
-        """Layers whose updated curvature or whose (U, <U, V>) is not finite (one host sync)."""
-        items = {n: self.layers[n][1].finite() for n in updated}
-        for n, (U, dot) in results.items():
-            finite = torch.isfinite(U).all() & torch.isfinite(dot).all()
-            items[n] = items[n] & finite if n in items else finite
-        return self._nonfinite(items)
-
-    @staticmethod
-    def _nonfinite(flags: Dict[str, torch.Tensor]) -> List[str]:
-        """The names whose flag is False (one host sync)."""
-        if not flags:
-            return []
-        ok = torch.stack(list(flags.values())).tolist()
-        return [name for name, good in zip(flags, ok) if not good]
-
-    def _update_curvature(self, names, batches, factors_due, bases_due, scales_due) -> List[str]:
-        """Update factors, bases and scales as due; returns the layers left without a basis.
-
-        Across ranks, a layer's factors and scales are averaged over the ranks whose batch used
-        it: the estimate those ranks' batches give together. A rank whose batch did not use
-        the layer contributes zeros to the sum, which is then divided by the number of ranks
-        that used it, so every collective has the same shape on every rank."""
-        curvatures = [self.layers[n][1] for n in names]
-        used = self.comm.count_true([n in batches for n in names]) if (factors_due or scales_due) else []
-        if factors_due:
-            for n, c, count in zip(names, curvatures, used):
-                if n in batches:
-                    c.update_factors(batches[n], self.factor_decay)
-                elif count:
-                    c.zero_synced_factors()
-            self._average_where_used(curvatures, used, lambda c: c.synced_factors())
-        without_basis: List[str] = []
-        if bases_due or any(not c.has_basis for c in curvatures):
-            without_basis = self._refresh_bases([n for n, c in zip(names, curvatures)
-                                                 if c.factors_initialized and (bases_due or not c.has_basis)])
-        if scales_due and not without_basis:
-            for n, c, count in zip(names, curvatures, used):
-                if c.has_basis and n in batches:
-                    c.update_scales(batches[n], self.scale_decay, fresh=bases_due, restart=self.scale_restart)
-                elif c.has_basis and count:
-                    c.zero_synced_scales()
-            self._average_where_used(curvatures, [count if c.has_basis else 0 for c, count in zip(curvatures, used)],
-                                     lambda c: c.synced_scales())
-        return without_basis
-
-    def _average_where_used(self, curvatures, used: List[int], tensors_of) -> None:
-        """Average ``tensors_of(c)`` of every layer used on ``used[i]`` > 0 ranks over those ranks."""
-        world = self.comm.world_size
-        self.comm.average_([t for c, count in zip(curvatures, used) if count for t in tensors_of(c)])
-        for c, count in zip(curvatures, used):
-            if 0 < count < world:  # the average counted the ranks that did not use the layer
-                for t in tensors_of(c):
-                    t.mul_(world / count)
 
     def _precondition(self, names, grads) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
         """(U, <U, V>) of every layer that has a basis."""

@@ -180,3 +180,15 @@ def summary(method: str, layers: Layers, unsupported: List[Tuple[str, str]],
     lines.append("parameters:")
     lines.extend(f"  {pname}: {status}" for pname, status in report)
     return "\n".join(lines)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / torch.compile wrappers (in any nesting), so that
+    layer names, and checkpoints, do not depend on the wrapper."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+            model = model._orig_mod
+        else:
+            return model
