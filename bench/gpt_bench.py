@@ -141,6 +141,8 @@ def state_bytes(opt, pre) -> int:
     if precond is not None:
         buffers = {id(t): t for _, c in precond.layers.values() for t in c.buffers.values() if t is not None}
         total += _tensor_bytes(list(buffers.values()))
+        if getattr(precond, "grafting", None) is not None:  # the grafted Adam's per-layer moments
+            total += _tensor_bytes(precond.grafting.moments)
     return total
 
 

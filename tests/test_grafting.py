@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import kfac_cuda
 
-from fisher_reference import unvec, vec
+from fisher_reference import dense_block, unvec, vec
 
 DAMPING = 1e-2
 
@@ -129,12 +129,7 @@ def test_relative_damping_scales_damping_by_the_blocks_mean_eigenvalue(method):
     F.cross_entropy(model(x), y).backward()
     V = layer_grad(model[2]).clone()
     assert pre.step()
-    b = pre.layers["2"][1].buffers
-    if method == "kfac":
-        block = torch.kron(b["A"], b["G"])
-    else:  # EKFAC: Q diag(S) Q^T in the Kronecker eigenbasis
-        Q = torch.kron(b["QA"], b["QG"])
-        block = Q @ torch.diag(vec(b["S"])) @ Q.t()
+    block = dense_block(pre.layers["2"][1].buffers, method)
     lam = DAMPING * torch.linalg.eigvalsh(block).mean()
     expected = torch.linalg.solve(block + lam * torch.eye(block.shape[0], dtype=block.dtype), vec(V))
     torch.testing.assert_close(layer_grad(model[2]), unvec(expected, 2), rtol=1e-8, atol=1e-12)
