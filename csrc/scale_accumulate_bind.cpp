@@ -62,6 +62,7 @@ void scale_common(py::object S_obj, py::object gt_obj, py::object at_obj, py::ob
     args.workspace = need > 0 ? ws->data_as<float>() : nullptr;
     args.n = int(n);
     args.positions = int(positions);
+    args.shared = ndim == 3;
     args.d_out = int(d_out);
     args.d_in = int(d_in);
     args.splits = int(splits);
