@@ -1,11 +1,12 @@
 """kfac_cuda: Kronecker-factored natural-gradient optimizers (K-FAC, EKFAC, TKFAC, TEKFAC)
 for PyTorch, with fused CUDA kernels for the per-layer hot paths."""
 from ._extension import cuda_extension_available, cuda_extension_error
+from .comm import LocalComm
 from .distributed import DistributedComm
 from .optimizers import EKFAC, KFAC, TEKFAC, TKFAC
 from .preconditioner import METHODS, Preconditioner
 
 __version__ = "0.1.0"
 
-__all__ = ["KFAC", "EKFAC", "TKFAC", "TEKFAC", "Preconditioner", "METHODS", "DistributedComm",
+__all__ = ["KFAC", "EKFAC", "TKFAC", "TEKFAC", "Preconditioner", "METHODS", "DistributedComm", "LocalComm",
            "cuda_extension_available", "cuda_extension_error", "__version__"]

@@ -1,86 +1,184 @@
-"""Module hooks that capture each layer's forward inputs and output gradients, the MC
-("true") Fisher's sampled output gradients, and their assembly into one batch per layer."""
+"""Module hooks that capture each layer's forward inputs and output gradients (or, for the MC
+("true") Fisher, the output gradients of a sampled loss), and their assembly into one batch
+per layer.
+
+What counts (checked by tests/test_training_loops.py):
+- A forward pass contributes only when its output gradients arrive: the layer input is kept
+  in the closure of a gradient hook on the layer output, and (input, gradient) is recorded
+  when the gradient arrives. A forward with grad enabled that is never followed by a
+  backward (validation loss, logging) contributes nothing, and its memory goes with its graph.
+- Every forward pass of the root model that reached a backward before ``step()`` is part of
+  the step's batch (gradient accumulation: k micro-batches, each loss divided by k): the
+  per-example scaling of a mean-reduced loss multiplies by the number of examples of the
+  whole step, so k micro-batches give the curvature of their concatenated batch.
+- With ``fisher="mc"`` only gradients of ``sample_fisher``'s sampled loss are recorded: a
+  layer output outside the graph of the given outputs receives none and is not counted.
+- The hooks hold the CaptureHooks (and so the Preconditioner) only weakly: a Preconditioner
+  that is dropped removes its hooks and stops capturing. One Preconditioner per layer: a new
+  one on layers that a live one hooks takes them over with a warning, and the old one's
+  ``step()`` then raises.
+"""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence
+import gc
+import itertools
+import warnings
+import weakref
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .batch import LayerBatch
+from .batch import Call, LayerBatch
 from .layers import LayerAdapter
 
+_OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 
-class LayerCapture:
-    """One layer's forward inputs and the matching output gradients (or outputs, for MC Fisher)."""
 
-    def __init__(self) -> None:
-        self.pairs: List[list] = []  # [input, output_grad or None, output or None]
-
-    def clear(self) -> None:
-        self.pairs.clear()
+def _remove_handles(handles: list) -> None:
+    for h in handles:
+        h.remove()
+    handles.clear()
 
 
 class CaptureHooks:
-    """Forward hooks on the preconditioned modules, active while ``active()`` is true.
+    """Forward hooks on the preconditioned modules (and on the root model, to tell forward
+    passes apart), active while ``active()`` is true.
 
     Args:
+        model: the root model (unwrapped from DDP / torch.compile).
         adapters: the preconditioned layers by name.
         active: whether the current step captures (the schedule's answer).
-        fisher: "empirical" (output gradients of the training loss) or "mc" (outputs kept for
-            ``sample_fisher``).
-        loss_reduction: "mean" (captured output gradients are multiplied by the batch size) or "sum".
+        fisher: "empirical" (output gradients of the training loss) or "mc" (``sample_fisher``).
+        loss_reduction: "mean" (captured output gradients are multiplied by the number of
+            examples of the step) or "sum".
+        per_token: every position of a sequence is an example (a per-token loss): the
+            examples counted are tokens.
     """
 
-    def __init__(self, adapters: Dict[str, LayerAdapter], active: Callable[[], bool], fisher: str,
-                 loss_reduction: str):
+    def __init__(self, model: nn.Module, adapters: Dict[str, LayerAdapter], active: Callable[[], bool], fisher: str,
+                 loss_reduction: str, per_token: bool = False):
         self.fisher = fisher
         self.loss_reduction = loss_reduction
+        self.per_token = per_token
+        self.adapters = adapters
         self._active = active
-        self.captures: Dict[str, LayerCapture] = {name: LayerCapture() for name in adapters}
-        self._handles = [adapter.module.register_forward_hook(self._make_hook(self.captures[name]))
-                         for name, adapter in adapters.items()]
+        self._ids = itertools.count()
+        self._forward: Optional[int] = None  # id of the root forward pass in progress
+        self._examples: Dict[int, int] = {}  # forward id -> examples (tokens) in it
+        self._used: Set[int] = set()  # forward ids whose gradients arrived
+        self.captures: Dict[str, Dict[int, List[Call]]] = {name: {} for name in adapters}
+        self._unsampled: Set[str] = set()  # MC: layers that got a training backward
+        self._sampling = False
+        self.superseded = False
+        self._handles: list = []
+        self._take_over([a.module for a in adapters.values()])
+        ref = weakref.ref(self)
+        for name, adapter in adapters.items():
+            self._handles.append(adapter.module.register_forward_hook(self._layer_hook(ref, name)))
+            _OWNERS[adapter.module] = ref
+        if adapters:
+            self._handles.append(model.register_forward_pre_hook(self._root_hook(ref, True)))
+            self._handles.append(model.register_forward_hook(self._root_hook(ref, False), always_call=True))
+        weakref.finalize(self, _remove_handles, self._handles)
+
+    # --- lifetime --------------------------------------------------------------------------
+    @staticmethod
+    def _live_owners(modules: Sequence[nn.Module]) -> Dict["CaptureHooks", List[nn.Module]]:
+        owners: Dict[CaptureHooks, List[nn.Module]] = {}
+        for m in modules:
+            ref = _OWNERS.get(m)
+            owner = ref() if ref is not None else None
+            if owner is not None and owner._handles:
+                owners.setdefault(owner, []).append(m)
+        return owners
+
+    def _take_over(self, modules: Sequence[nn.Module]) -> None:
+        """Hooks of a live CaptureHooks on the same modules are removed, with a warning."""
+        if not self._live_owners(modules):
+            return
+        gc.collect()  # a dropped optimizer waiting in a reference cycle is not a conflict
+        for owner, taken in self._live_owners(modules).items():
+            owner.remove()
+            owner.superseded = True
+            warnings.warn(f"kfac_cuda: a new Preconditioner takes over {len(taken)} layer(s) that another live "
+                          "Preconditioner (optimizer) hooks; the old one stops capturing and its step() raises. "
+                          "Use one Preconditioner per model, or call old.remove() first.", RuntimeWarning,
+                          stacklevel=4)
+
+    def check_attached(self) -> None:
+        if self.superseded:
+            raise RuntimeError("kfac_cuda: this Preconditioner's hooks were taken over by a newer Preconditioner "
+                               "on the same model; step() the new one (one Preconditioner per model)")
 
     def remove(self) -> None:
         """Remove the module hooks."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        _remove_handles(self._handles)
 
     def clear(self) -> None:
         for c in self.captures.values():
             c.clear()
+        self._examples.clear()
+        self._used.clear()
+        self._unsampled.clear()
 
-    def _make_hook(self, capture: LayerCapture):
-        def hook(module: nn.Module, inputs, output) -> None:
-            if not (self._active() and torch.is_grad_enabled() and isinstance(output, torch.Tensor)
-                    and output.requires_grad):
-                return
-            if torch._C._functorch.is_functorch_wrapped_tensor(inputs[0]):
-                return  # a torch.func transform (vmap/grad) of the model, not a training step
-            x = inputs[0].detach()
-            pair = [x, None, None]
-            capture.pairs.append(pair)
-            if self.fisher == "mc":
-                pair[2] = output
-                return
-            scale = LayerAdapter.batch_size(x) if self.loss_reduction == "mean" else 1
-
-            def grad_hook(g: torch.Tensor) -> None:
-                pair[1] = g.detach() * scale
-
-            output.register_hook(grad_hook)
+    # --- hooks ---------------------------------------------------------------------------
+    @staticmethod
+    def _root_hook(ref: weakref.ref, starting: bool):
+        def hook(*_) -> None:
+            hooks = ref()
+            if hooks is not None:
+                hooks._forward = next(hooks._ids) if starting else None
 
         return hook
 
+    @staticmethod
+    def _layer_hook(ref: weakref.ref, name: str):
+        def hook(module: nn.Module, inputs, output) -> None:
+            hooks = ref()
+            if hooks is not None:
+                hooks._on_forward(name, inputs, output)
+
+        return hook
+
+    def _on_forward(self, name: str, inputs, output) -> None:
+        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad
+                and self._active()):
+            return
+        if torch._C._functorch.is_functorch_wrapped_tensor(inputs[0]):
+            return  # a torch.func transform (vmap/grad) of the model, not a training step
+        x = inputs[0].detach()
+        forward = self._forward if self._forward is not None else next(self._ids)  # a call outside the root
+        if forward not in self._examples:
+            self._examples[forward] = x[..., 0].numel() if self.per_token else self.adapters[name].batch_size(x)
+        ref = weakref.ref(self)
+
+        def on_grad(g: torch.Tensor) -> None:
+            hooks = ref()
+            if hooks is not None:
+                hooks._on_grad(name, forward, x, g)
+
+        output.register_hook(on_grad)
+
+    def _on_grad(self, name: str, forward: int, x: torch.Tensor, g: torch.Tensor) -> None:
+        if self._sampling != (self.fisher == "mc"):
+            if self.fisher == "mc":
+                self._unsampled.add(name)
+            return
+        self.captures[name].setdefault(forward, []).append((x, g.detach()))
+        self._used.add(forward)
+
+    # --- MC Fisher -----------------------------------------------------------------------
     def sample_fisher(self, outputs: torch.Tensor, loss: str = "cross_entropy") -> None:
         """Sample targets from the model's predictive distribution and capture the output
         gradients of their summed loss (see :meth:`kfac_cuda.Preconditioner.sample_fisher`)."""
         if self.fisher != "mc":
             raise RuntimeError("sample_fisher needs Preconditioner(fisher='mc')")
-        pairs = [p for c in self.captures.values() for p in c.pairs if p[2] is not None and p[1] is None]
-        if not pairs:
+        if loss not in ("cross_entropy", "bernoulli", "mse"):
+            raise ValueError(f"loss must be 'cross_entropy', 'bernoulli' or 'mse', got {loss!r}")
+        weights = [a.module.weight for a in self.adapters.values() if a.module.weight.requires_grad]
+        if not (self._active() and outputs.requires_grad and weights):
             return
         if loss == "cross_entropy":
             logits = outputs.reshape(-1, outputs.shape[-1])
@@ -91,35 +189,42 @@ class CaptureHooks:
             with torch.no_grad():
                 targets = torch.bernoulli(torch.sigmoid(outputs.float())).to(outputs.dtype)
             sampled = F.binary_cross_entropy_with_logits(outputs, targets, reduction="sum")
-        elif loss == "mse":
+        else:
             targets = outputs.detach() + torch.randn_like(outputs)
             sampled = 0.5 * (outputs - targets).square().sum()
-        else:
-            raise ValueError(f"loss must be 'cross_entropy', 'bernoulli' or 'mse', got {loss!r}")
-        grads = torch.autograd.grad(sampled, [p[2] for p in pairs], retain_graph=True, allow_unused=True)
-        for p, g in zip(pairs, grads):
-            p[1] = torch.zeros_like(p[2]) if g is None else g.detach()
-            p[2] = None
+        # The gradient hooks of every layer output in the graph of `outputs` fire on the way
+        # to the weights (whose gradients are discarded; .grad is untouched).
+        self._sampling = True
+        try:
+            torch.autograd.grad(sampled, weights, retain_graph=True, allow_unused=True)
+        finally:
+            self._sampling = False
 
-    def batches(self, adapters: Dict[str, LayerAdapter], names: Sequence[str], *, sharing: str, backend: str,
-                dtypes: Dict[str, torch.dtype], grad_scale=None) -> Dict[str, LayerBatch]:
+    # --- the step's batches ----------------------------------------------------------------
+    @property
+    def examples(self) -> int:
+        """Examples (tokens, per token) of the forward passes that reached a backward since the last step."""
+        return sum(self._examples[f] for f in self._used)
+
+    def batches(self, names: Sequence[str], *, sharing: str, backend: str, dtypes: Dict[str, torch.dtype],
+                grad_scale=None) -> Dict[str, LayerBatch]:
         """One LayerBatch per named layer that took part in this step's forward and backward.
 
         Args:
             grad_scale: the GradScaler's current scale to divide the output gradients by, or None.
         """
+        examples = self.examples
+        per_example = examples if self.fisher == "empirical" and self.loss_reduction == "mean" else 1
+        factor = per_example / grad_scale if grad_scale is not None else per_example
         out = {}
         for name in names:
-            captured = self.captures[name].pairs
-            pairs = [p for p in captured if p[1] is not None]
-            if captured and not pairs and self.fisher == "mc":
-                raise RuntimeError(f"kfac_cuda: layer {name!r} has no sampled output gradients: with "
-                                   "fisher='mc' call sample_fisher(outputs) before loss.backward()")
-            if not pairs:  # the layer did not take part in this step's forward/backward
-                continue
-            x = torch.cat([p[0] for p in pairs]) if len(pairs) > 1 else pairs[0][0]
-            g = torch.cat([p[1] for p in pairs]) if len(pairs) > 1 else pairs[0][1]
-            if grad_scale is not None:
-                g = g / grad_scale
-            out[name] = LayerBatch(adapters[name], x, g, sharing=sharing, backend=backend, dtype=dtypes[name])
+            captured = self.captures[name]
+            if not captured:
+                if name in self._unsampled:
+                    raise RuntimeError(f"kfac_cuda: layer {name!r} has no sampled output gradients: with "
+                                       "fisher='mc' call sample_fisher(outputs) before loss.backward()")
+                continue  # the layer did not take part in this step's forward/backward
+            forwards = [[(x, g * factor if factor != 1 else g) for x, g in captured[f]] for f in sorted(captured)]
+            out[name] = LayerBatch(self.adapters[name], forwards, examples=examples, sharing=sharing,
+                                   backend=backend, dtype=dtypes[name], per_token=self.per_token)
         return out

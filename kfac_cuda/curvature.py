@@ -136,9 +136,9 @@ class ScaleMixin:
             torch.outer(*self.kronecker_eigenvalues(), out=b["S"])
         elif fresh:
             beta = 0.0
-        g, a = batch.scale_rows()
-        accumulate_scale(b["S"], g, a, b["QG"], b["QA"], bias=batch.bias, beta=beta,
-                         alpha=(1 - beta) / batch.n, backend=batch.backend)
+        for i, (g, a) in enumerate(batch.scale_rows()):  # one call per sequence length in the batch
+            accumulate_scale(b["S"], g, a, b["QG"], b["QA"], bias=batch.bias, beta=beta if i == 0 else 1.0,
+                             alpha=(1 - beta) / batch.n, backend=batch.backend)
 
     def synced_scales(self) -> List[torch.Tensor]:
         return [self.buffers["S"]]

@@ -37,16 +37,22 @@ class _KroneckerOptimizer(Optimizer):
             model: the model to train; its Linear/Conv2d layers are preconditioned.
             lr, momentum, weight_decay: the SGD update applied to the preconditioned gradient.
             kl_clip: KL-clipping radius (None disables).
-            params: parameters or param groups (default: ``model.parameters()``).
+            params: parameters or param groups (default: ``model.parameters()``); layers whose
+                weight is in none of them are not preconditioned (listed by ``summary()``).
             **options: passed to :class:`kfac_cuda.Preconditioner` (damping, factor_decay,
                 factor_update_steps, inv_update_steps, scale_update_steps, damping_style,
                 fisher, weight_sharing, loss_reduction, backend, skip_modules, ...).
         """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"kfac_cuda.{type(self).__name__} takes the model, not {type(model).__name__}: "
+                            f"{type(self).__name__}(model, lr=...) (the layers' hooks need the modules); to optimise "
+                            "a subset of the parameters pass params=[...] or param groups as well")
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"lr, momentum and weight_decay must be >= 0 (got {lr}, {momentum}, {weight_decay})")
         super().__init__(model.parameters() if params is None else params,
                          dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.preconditioner = Preconditioner(model, self.method, kl_clip=kl_clip, **options)
+        optimised = [p for group in self.param_groups for p in group["params"]]
+        self.preconditioner = Preconditioner(model, self.method, kl_clip=kl_clip, parameters=optimised, **options)
 
     def _lr_of(self, param: nn.Parameter) -> float:
         for group in self.param_groups:

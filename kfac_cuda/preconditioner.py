@@ -17,9 +17,11 @@ Hooks capture inputs and output gradients only on steps that update factors or s
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from .batch import SHARING, LayerBatch
@@ -27,14 +29,36 @@ from .capture import CaptureHooks
 from .checkpoint import curvature_state, load_curvature_state
 from .comm import LocalComm, OutputSpec
 from .curvature import CURVATURES, ScaleMixin
+from .distributed import DistributedComm
 from .layers import Conv2dAdapter
 from .ops._dispatch import check_backend
-from .registration import Layers, register_layers, summary
+from .registration import Layers, parameter_report, register_layers, summary
 from .schedule import Due, Schedule
 
 METHODS = tuple(CURVATURES)
 MAX_EIGH_FAILURES = 3
 LrArg = Union[None, float, Callable[[nn.Parameter], float]]
+LOSS_TERMS = ("examples", "tokens")
+
+
+def default_comm() -> LocalComm:
+    """``DistributedComm()`` when torch.distributed is initialised with more than one rank (a
+    model trained on several ranks must not keep each rank's own curvature), else ``LocalComm()``."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return DistributedComm()
+    return LocalComm()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / torch.compile wrappers (in any nesting), so that
+    layer names, and checkpoints, do not depend on the wrapper."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
@@ -65,8 +89,15 @@ class Preconditioner:
             with the dense layers of a CNN raised to the largest conv lambda_l (TEKFAC Eq. 3.5).
         fisher: "empirical" (gradients of the training loss) or "mc" (call ``sample_fisher``).
         weight_sharing: "expand" or "reduce" for inputs with positions (sequences, conv).
-        loss_reduction: "mean" (captured output gradients are multiplied by the batch size)
-            or "sum".
+        loss_reduction: how the training loss combines its terms: "mean" (captured output
+            gradients are multiplied by the number of loss terms of the step, over all its
+            accumulated micro-batches) or "sum".
+        loss_terms: what one term of the loss is: "examples" (default; a sequence's positions
+            share one term, K-FAC-expand/reduce over positions) or "tokens" (a per-token loss,
+            e.g. a language model's cross-entropy over all B*T tokens: every position of a
+            Linear/Conv1D input is an example of its own, as per-token K-FAC in curvlinops).
+        batch_dim: the dim of 3-D and larger Linear/Conv1D inputs that holds the examples: 0
+            (batch-first, default) or 1 (sequence-first, e.g. ``batch_first=False`` models).
         backend: "auto" | "torch" | "cuda" for the hot ops.
         skip_modules: module names, types or instances left alone, with everything inside them.
         max_factor_dim: layers whose factor side exceeds this are skipped (listed).
@@ -75,8 +106,12 @@ class Preconditioner:
             ``step()`` for the parameter gradients, as for gradient clipping).
         check_finite: skip steps whose gradients or activations are not finite. The check
             reads a flag back to the host; pass False to capture a step in a CUDA graph.
-        comm: what the step asks of the process group: ``LocalComm()`` (single process, the
-            default) or ``kfac_cuda.DistributedComm(...)`` (see kfac_cuda.distributed).
+        comm: what the step asks of the process group: ``kfac_cuda.DistributedComm(...)`` (see
+            kfac_cuda.distributed) or ``kfac_cuda.LocalComm()`` (this process alone). Default:
+            ``DistributedComm()`` when torch.distributed is initialised with more than one rank
+            (construct the optimizer on every rank), else ``LocalComm()``.
+        parameters: the parameters being optimised (the optimizers pass their param groups'):
+            layers whose weight is not among them are not preconditioned (listed by ``summary()``).
     """
 
     def __init__(
@@ -98,13 +133,20 @@ class Preconditioner:
         fisher: str = "empirical",
         weight_sharing: str = "expand",
         loss_reduction: str = "mean",
+        loss_terms: str = "examples",
+        batch_dim: int = 0,
         backend: str = "auto",
         skip_modules: Iterable = (),
         max_factor_dim: int = 8192,
         grad_scaler=None,
         check_finite: bool = True,
         comm: Optional[LocalComm] = None,
+        parameters: Optional[Iterable[nn.Parameter]] = None,
     ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"kfac_cuda: the first argument must be the model (an nn.Module), got "
+                            f"{type(model).__name__}: pass the model, e.g. Preconditioner(model) or KFAC(model, "
+                            "lr=...), and a subset of parameters with parameters=/params=")
         self.method = _choice("method", method.lower(), METHODS)
         self.damping_style = _choice("damping_style", damping_style, ("eigen", "factored"))
         if self.damping_style == "factored" and self.method != "kfac":
@@ -112,6 +154,10 @@ class Preconditioner:
         self.fisher = _choice("fisher", fisher, ("empirical", "mc"))
         self.weight_sharing = _choice("weight_sharing", weight_sharing, SHARING)
         self.loss_reduction = _choice("loss_reduction", loss_reduction, ("mean", "sum"))
+        self.loss_terms = _choice("loss_terms", loss_terms, LOSS_TERMS)
+        if batch_dim not in (0, 1) or isinstance(batch_dim, bool):
+            raise ValueError(f"batch_dim must be 0 (batch-first) or 1 (sequence-first), got {batch_dim!r}")
+        self.batch_dim = int(batch_dim)
         self.backend = check_backend(backend)
         for name, v in (("factor_update_steps", factor_update_steps), ("inv_update_steps", inv_update_steps),
                         ("scale_update_steps", scale_update_steps or 1)):
@@ -136,28 +182,33 @@ class Preconditioner:
         self.adaptive_damping = adaptive_damping
         self.check_finite = check_finite
         self.grad_scaler = grad_scaler
-        self.comm = comm or LocalComm()
+        self.comm = comm if comm is not None else default_comm()
         self.comm.attach(model)
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module  # layer names (and checkpoints) independent of the wrapper
+        model = unwrap(model)  # layer names (and checkpoints) independent of DDP / torch.compile
         self.steps = 0
         self.schedule = Schedule(self.factor_update_steps, self.inv_update_steps, self.scale_update_steps,
                                  issubclass(CURVATURES[self.method], ScaleMixin))
         self.layers: Layers
         self.unsupported: List[Tuple[str, str]]
+        optimised = None if parameters is None else {id(p) for p in parameters}
         self.layers, self.unsupported = register_layers(
             model, CURVATURES[self.method], skip_modules=skip_modules, max_factor_dim=max_factor_dim,
-            damping_style=self.damping_style)
-        self.hooks = CaptureHooks({n: a for n, (a, _) in self.layers.items()}, lambda: self.capturing,
-                                  self.fisher, self.loss_reduction)
+            damping_style=self.damping_style, batch_dim=self.batch_dim, per_token=self.loss_terms == "tokens",
+            parameters=optimised)
+        self._parameter_report = parameter_report(model, self.layers, self.unsupported, optimised)
+        me = weakref.ref(self)  # the hooks must not keep the Preconditioner alive
+        self.hooks = CaptureHooks(model, {n: a for n, (a, _) in self.layers.items()},
+                                  lambda: me() is not None and me().capturing, self.fisher, self.loss_reduction,
+                                  per_token=self.loss_terms == "tokens")
 
     def remove(self) -> None:
         """Remove the module hooks."""
         self.hooks.remove()
 
     def summary(self) -> str:
-        """A table of the preconditioned layers and of those left to the plain optimizer."""
-        return summary(self.method, self.layers, self.unsupported)
+        """A table of the preconditioned layers, of those left to the plain optimizer (why), and
+        of what happens to every parameter: preconditioned, left to the base optimizer, tied, frozen."""
+        return summary(self.method, self.layers, self.unsupported, self._parameter_report)
 
     def _due(self) -> Due:
         """(factors, bases, scales) due at the current step."""
@@ -185,8 +236,7 @@ class Preconditioner:
     # --- the step ---------------------------------------------------------------------------
     def _batches(self, names: Sequence[str]) -> Dict[str, LayerBatch]:
         scaler = self.grad_scaler
-        return self.hooks.batches({n: a for n, (a, _) in self.layers.items()}, names,
-                                  sharing=self.weight_sharing, backend=self.backend,
+        return self.hooks.batches(names, sharing=self.weight_sharing, backend=self.backend,
                                   dtypes={n: c.buffers["A"].dtype for n, (_, c) in self.layers.items()},
                                   grad_scale=scaler.get_scale() if scaler is not None and scaler.is_enabled()
                                   else None)
@@ -233,6 +283,7 @@ class Preconditioner:
         """Update the curvature as scheduled and replace each layer's ``.grad`` by its
         preconditioned gradient. Returns False (and changes nothing) when a gradient or a
         captured activation is not finite."""
+        self.hooks.check_attached()
         names = [n for n, (a, _) in self.layers.items() if a.module.weight.grad is not None]
         self.comm.average_gradients()
         factors_due, bases_due, scales_due = self._due()
@@ -252,7 +303,7 @@ class Preconditioner:
 
     @staticmethod
     def _all_finite(grads: Dict[str, torch.Tensor], batches: Dict[str, LayerBatch]) -> bool:
-        tensors = list(grads.values()) + [t for b in batches.values() for t in (b.x, b.g)]
+        tensors = list(grads.values()) + [t for b in batches.values() for t in b.tensors()]
         return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
     def _update_curvature(self, names, batches, factors_due, bases_due, scales_due) -> None:
