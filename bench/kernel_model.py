@@ -17,8 +17,10 @@ Assumptions (H100 SXM5, sm_90):
 - Kernels: costs per block and K-slice from the sm_90 SASS (bench/kernel_sass.py) and the
   review of csrc/ (../shared/kernel-review.md): gemm_tile is shared-memory bound at 1024 clk
   per 64x64x16 block-slice (8 warps x 128 LDS wavefronts), factor SIMT issue-bound at 1044 clk
-  per 64x64x16 slab, factor mma (ldmatrix + mma.sync, scalar 16-bit staging) issue-bound at
-  about 820 clk per 64x64x32 slab (staging ~50 instructions per element pair dominate), conv
+  per 64x64x16 slab (the sm<80 fallback, not modelled below), factor mma (ldmatrix + mma.sync,
+  scalar 16-bit staging) issue-bound at about 820 clk per 64x64x32 slab (staging ~50
+  instructions per element pair dominate), factor 3xTF32 (fp32 or weighted rows: 48 HMMA plus
+  the hi/lo splits per warp and slab) issue-bound at about 600 clk per 64x64x16 slab, conv
   issue-bound at 4434 clk per slice (index divisions); all divided by 0.85 for scheduling
   losses. An SM with too few blocks to hide it pays an exposed global latency of ~1500 clk
   per slice (no prefetch in these kernels).
@@ -47,6 +49,7 @@ EXPOSED_LATENCY = 1500  # clk per slice when a block is alone on its SM
 GEMM_TILE = (1024, 16)
 FACTOR_SIMT = (1044, 16)
 FACTOR_MMA = (820, 32)
+FACTOR_TF32 = (600, 16)
 CONV = (4434, 16)
 
 
@@ -89,7 +92,7 @@ def factor(n: int, d: int, elt: int, weighted: bool) -> Tuple[float, float, floa
     T = ceil(D, 64)
     tiles = T * (T + 1) // 2
     splits = choose_splits(tiles, n)
-    clk, k = FACTOR_SIMT if (elt == 4 or weighted) else FACTOR_MMA
+    clk, k = FACTOR_TF32 if (elt == 4 or weighted) else FACTOR_MMA
     kernel = tiled_kernel(tiles * splits, ceil(ceil(n, splits), k), clk, resident=5)
     if splits > 1:
         kernel += elementwise(4.0 * D * D * (splits + 2))

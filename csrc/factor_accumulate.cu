@@ -20,14 +20,20 @@
 //    al., PeerJ CS 2021). Error model per output: below about 2^-22 * sum|terms| per 16-row
 //    mma step, so about n/16 * 2^-22 * sum|terms| over a chain of n rows (2-4x the error of
 //    sequential fp32 FMA, and biased toward zero): close to, not identical with, the fp32 reference.
-//  - fp32 or weighted rows: a SIMT kernel (4x4 outputs per thread, fp32 FMA, weights applied
-//    on load). A plain TF32 path is not used: it would round the inputs to 10-bit mantissas.
+//  - fp32 rows, or weighted rows of any dtype, on sm_80+: 3xTF32 on mma.sync.m16n8k8 (x = hi + lo,
+//    x y ~ hi hi' + hi lo' + lo hi', fp32 accumulation; weights applied on load, never stored).
+//    Error model: each product within 3 * 2^-22 of exact (the split leaves 2^-22 |x|, lo lo' is
+//    dropped), plus 2^-22 * sum|terms| per mma step (three per 8 rows): about fp32 accuracy at
+//    tensor-core rate. A plain 1xTF32 path is not offered: it would round the inputs to 10-bit
+//    mantissas, which the fp32 reference does not do.
+//  - below sm_80: a SIMT kernel (4x4 outputs per thread, fp32 FMA, weights applied on load).
 // Splits: when the tiles alone leave SMs idle (small D, large n) the caller cuts the rows into
 // `splits` parts; block z writes the upper triangle of its partial tile into workspace[z] and
 // reduce_splits_kernel<true> sums the partials in a fixed order, applies the EMA and mirrors:
 // no atomics, bitwise reproducible for a given `splits`, A exactly symmetric.
 // Assumptions: n < 2^31 - 2^16, D < 2^20; device pointers of the current device; A does not
-// alias a, w or the workspace. Launch: 256 (SIMT) / 128 (mma) threads, static smem <= 27 KiB.
+// alias a, w or the workspace. Launch: 256 (SIMT) / 128 (tensor cores) threads, static smem
+// <= 28 KiB. Why it can win: see docs/kernels.md (performance model).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -46,7 +52,8 @@ constexpr int kTile = 64;          // output tile edge
 constexpr int kSimtRows = 16;      // rows per shared-memory slab, SIMT path
 constexpr int kSimtThreads = 256;  // 16 x 16 threads, 4 x 4 outputs each
 constexpr int kMmaRows = 32;       // rows per slab, tensor-core path (two k16 steps)
-constexpr int kMmaThreads = 128;   // 4 warps, 32 x 32 outputs each
+constexpr int kMmaThreads = 128;   // 4 warps, 32 x 32 outputs each (both tensor-core paths)
+constexpr int kTf32Rows = 16;      // rows per slab, 3xTF32 path (two k8 steps)
 
 // abar[row][col] as float: a's entry, the implicit 1 at col == d (bias), 0 past D.
 template <typename T>
@@ -103,6 +110,25 @@ __device__ __forceinline__ RowRange row_range(int n, int rows_per_split, float* 
   return RowRange{int(begin < n ? begin : n), int(end), partial};
 }
 
+// Stages rows [r0, r0 + ROWS) of the tile's columns as fp32: sX[k][c] = w[r0+k] abar[r0+k][i0+c]
+// (w == nullptr: 1), sY[k][c] = abar[r0+k][j0+c]; zeros from row `end` on. All THREADS call it.
+template <int ROWS, int LDS, int THREADS, typename T>
+__device__ __forceinline__ void stage_fp32(float (*sX)[LDS], float (*sY)[LDS], const T* a, const float* w, int r0,
+                                           int end, int i0, int j0, int d, int D) {
+  for (int idx = threadIdx.x; idx < ROWS * kTile; idx += THREADS) {
+    const int k = idx / kTile, c = idx % kTile;
+    const int row = r0 + k;  // < n < 2^31 - 2^16
+    float x = 0.0f, y = 0.0f;
+    if (row < end) {
+      x = abar_at(a, row, i0 + c, d, D);
+      if (w != nullptr) x *= w[row];
+      y = abar_at(a, row, j0 + c, d, D);
+    }
+    sX[k][c] = x;
+    sY[k][c] = y;
+  }
+}
+
 // SIMT path: any input dtype, optional row weights.
 template <typename T>
 __global__ void __launch_bounds__(kSimtThreads)
@@ -121,18 +147,7 @@ __global__ void __launch_bounds__(kSimtThreads)
 
   float acc[4][4] = {};
   for (int r0 = row_begin; r0 < row_end; r0 += kSimtRows) {
-    for (int idx = threadIdx.x; idx < kSimtRows * kTile; idx += kSimtThreads) {
-      const int k = idx / kTile, c = idx % kTile;
-      const int row = r0 + k;
-      float x = 0.0f, y = 0.0f;
-      if (row < row_end) {
-        x = abar_at(a, row, i0 + c, d, D);
-        if (w != nullptr) x *= w[row];
-        y = abar_at(a, row, j0 + c, d, D);
-      }
-      sX[k][c] = x;
-      sY[k][c] = y;
-    }
+    stage_fp32<kSimtRows, kTile, kSimtThreads>(sX, sY, a, w, r0, row_end, i0, j0, d, D);
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < kSimtRows; ++k) {
@@ -152,6 +167,20 @@ __global__ void __launch_bounds__(kSimtThreads)
     for (int q = 0; q < 4; ++q) sC[(ty * 4 + m) * (kTile + 1) + tx * 4 + q] = acc[m][q];
   __syncthreads();
   write_tile<kTile + 1>(A, rows.partial, D, sC, i0, j0, alpha, beta);
+}
+
+// Stores warp (wm, wn)'s 2 x 4 accumulators (m16n8 C fragments: c_e at row g + 8(e >= 2),
+// col 2t + (e & 1)) into the row-major tile sC.
+template <int LDC>
+__device__ __forceinline__ void store_fragments(float* sC, const float (&acc)[2][4][4], int wm, int wn, int lane) {
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int m = 0; m < 2; ++m)
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        sC[(wm * 32 + m * 16 + g + 8 * (e >> 1)) * LDC + wn * 32 + q * 8 + 2 * t + (e & 1)] = acc[m][q][e];
 }
 
 // Bit pattern of 1.0 in the 16-bit input type (the bias column).
@@ -221,14 +250,73 @@ __global__ void __launch_bounds__(kMmaThreads)
     }
     __syncthreads();
   }
-  const int g = lane / 4, t = lane % 4;
+  store_fragments<LDC>(sC, acc, wm, wn, lane);
+  __syncthreads();
+  write_tile<LDC>(A, rows.partial, D, sC, i0, j0, alpha, beta);
+#else
+  __trap();  // the host never selects this path below sm_80
+#endif
+}
+
+// 3xTF32 tensor-core path: fp32 rows, or weighted rows of any dtype (weights applied on load),
+// sm_80+. x = hi + lo with hi = tf32(x), lo = tf32(x - hi); x y ~= hi*hi' + hi*lo' + lo*hi'
+// (the lo*lo' term, below 2^-22 |x y|, is dropped), each an mma.m16n8k8.tf32 with fp32
+// accumulation: about fp32 accuracy at tensor-core rate. Warp (wm, wn) owns the 32x32 sub-tile
+// [wm*32, wn*32] as 2 (m16) x 4 (n8) accumulators. Shared rows of 72 floats: the fragment loads
+// (8 lanes along i or j, 4 along k) hit 32 distinct banks.
+template <typename T>
+__global__ void __launch_bounds__(kMmaThreads)
+    factor_tf32_kernel(float* __restrict__ A, const T* __restrict__ a, const float* __restrict__ w,
+                       float* __restrict__ workspace, int n, int d, int D, int tiles, int rows_per_split,
+                       float alpha, float beta) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  constexpr int LDS = kTile + 8;  // floats per shared row
+  constexpr int LDC = kTile + 4;
+  __shared__ __align__(16) float sX[kTf32Rows][LDS];  // sX[k][i] = w[r0+k] abar[r0+k][i0+i]
+  __shared__ __align__(16) float sY[kTf32Rows][LDS];  // sY[k][j] = abar[r0+k][j0+j]
+  __shared__ __align__(16) float sC[kTile * LDC];
+  int I, J;
+  tile_coords(blockIdx.x, tiles, I, J);
+  const int i0 = I * kTile, j0 = J * kTile;
+  const RowRange rows = row_range(n, rows_per_split, workspace, D);
+  const int warp_id = threadIdx.x / 32, lane = threadIdx.x % 32, wm = warp_id / 2, wn = warp_id % 2;
+  const int g = lane / 4, t = lane % 4;  // fragment coordinates (csrc/warp_mma.cuh)
+
+  float acc[2][4][4] = {};
+  for (int r0 = rows.begin; r0 < rows.end; r0 += kTf32Rows) {
+    stage_fp32<kTf32Rows, LDS, kMmaThreads>(sX, sY, a, w, r0, rows.end, i0, j0, d, D);
+    __syncthreads();
 #pragma unroll
-  for (int m = 0; m < 2; ++m)
+    for (int k0 = 0; k0 < kTf32Rows; k0 += 8) {
+      uint32_t a_hi[2][4], a_lo[2][4], b_hi[4][2], b_lo[4][2];
 #pragma unroll
-    for (int q = 0; q < 4; ++q)
+      for (int m = 0; m < 2; ++m)
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        sC[(wm * 32 + m * 16 + g + 8 * (e >> 1)) * LDC + wn * 32 + q * 8 + 2 * t + (e & 1)] = acc[m][q][e];
+        for (int e = 0; e < 4; ++e) {  // A(i, k) = sX[k][i]: a_e at i = g + 8(e & 1), k = t + 4(e >= 2)
+          const float x = sX[k0 + t + 4 * (e >> 1)][wm * 32 + m * 16 + g + 8 * (e & 1)];
+          a_hi[m][e] = warp::to_tf32(x);
+          a_lo[m][e] = warp::to_tf32(x - __uint_as_float(a_hi[m][e]));
+        }
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {  // B(k, j) = sY[k][j]: b_e at k = t + 4e, j = g
+          const float y = sY[k0 + t + 4 * e][wn * 32 + q * 8 + g];
+          b_hi[q][e] = warp::to_tf32(y);
+          b_lo[q][e] = warp::to_tf32(y - __uint_as_float(b_hi[q][e]));
+        }
+#pragma unroll
+      for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {  // small terms first
+          warp::mma_m16n8k8_tf32(acc[m][q], a_lo[m], b_hi[q]);
+          warp::mma_m16n8k8_tf32(acc[m][q], a_hi[m], b_lo[q]);
+          warp::mma_m16n8k8_tf32(acc[m][q], a_hi[m], b_hi[q]);
+        }
+    }
+    __syncthreads();
+  }
+  store_fragments<LDC>(sC, acc, wm, wn, lane);
   __syncthreads();
   write_tile<LDC>(A, rows.partial, D, sC, i0, j0, alpha, beta);
 #else
@@ -243,6 +331,16 @@ __global__ void scale_kernel(float* __restrict__ A, int64_t count, float beta) {
     A[i] = beta == 0.0f ? 0.0f : beta * A[i];
 }
 
+// The bf16/fp16 mma kernel exists only for 16-bit T.
+template <typename T>
+void launch_mma16(const FactorArgs& p, const T* a, float* workspace, int D, int tiles, int rows_per_split, dim3 grid,
+                  cudaStream_t stream) {
+  if constexpr (!std::is_same<T, float>::value) {
+    factor_mma_kernel<T><<<grid, kMmaThreads, 0, stream>>>(p.factor, a, workspace, p.n, p.d, D, tiles,
+                                                           rows_per_split, p.alpha, p.beta);
+  }
+}
+
 template <typename T>
 cudaError_t launch(const FactorArgs& p, int D, cudaStream_t stream) {
   const int tiles = (D + kTile - 1) / kTile;
@@ -252,17 +350,14 @@ cudaError_t launch(const FactorArgs& p, int D, cudaStream_t stream) {
   float* workspace = used_splits > 1 ? p.workspace : nullptr;
   const dim3 grid(blocks, 1, used_splits);
   const T* a = static_cast<const T*>(p.a);
-  if constexpr (!std::is_same<T, float>::value) {
-    if (p.tensor_cores && p.weights == nullptr) {
-      factor_mma_kernel<T><<<grid, kMmaThreads, 0, stream>>>(p.factor, a, workspace, p.n, p.d, D, tiles,
-                                                             rows_per_split, p.alpha, p.beta);
-    } else {
-      factor_simt_kernel<T><<<grid, kSimtThreads, 0, stream>>>(p.factor, a, p.weights, workspace, p.n, p.d, D,
-                                                               tiles, rows_per_split, p.alpha, p.beta);
-    }
-  } else {
+  if (!p.tensor_cores) {
     factor_simt_kernel<T><<<grid, kSimtThreads, 0, stream>>>(p.factor, a, p.weights, workspace, p.n, p.d, D, tiles,
                                                              rows_per_split, p.alpha, p.beta);
+  } else if (std::is_same<T, float>::value || p.weights != nullptr) {
+    factor_tf32_kernel<T><<<grid, kMmaThreads, 0, stream>>>(p.factor, a, p.weights, workspace, p.n, p.d, D, tiles,
+                                                            rows_per_split, p.alpha, p.beta);
+  } else {
+    launch_mma16(p, a, workspace, D, tiles, rows_per_split, grid, stream);
   }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || workspace == nullptr) return err;

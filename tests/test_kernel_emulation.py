@@ -130,24 +130,32 @@ def test_conv_factor(E, geometry, bias, weighted, dtype, splits):
 U = 2.0 ** -24  # fp32 unit roundoff (round to nearest)
 
 
-def factor_error_bound(chain: int, splits: int, tensor_cores: bool) -> float:
+def factor_error_bound(chain: int, splits: int, path: str) -> float:
     """Bound on |A - A_exact| / sum|terms|, elementwise, from the rounding model.
 
-    SIMT: a sequential fp32 FMA chain of ``chain`` rows errs by at most chain*u (first order).
-    Tensor cores (model of tests/emulation/cuda_shim/warp.h, after Fasi et al. 2021): every
-    m16n8k16 step truncates its terms below 2^-26 of the largest and rounds toward zero, at most
-    2^-22 of the sum of |terms| per step, over ceil(chain/16) steps. Then the split reduction
-    (splits - 1 additions) and the EMA (2 roundings) add (splits + 2) u."""
-    steps = -(-chain // 16) * 4 * U if tensor_cores else chain * U
+    "simt": a sequential fp32 FMA chain of ``chain`` rows errs by at most chain*u (first order).
+    Tensor cores (model of tests/emulation/cuda_shim/warp.h, after Fasi et al. 2021): every mma
+    step truncates its terms below 2^-26 of the largest and rounds toward zero, at most 2^-22 of
+    the sum of |terms| per step. "mma16": bf16/fp16 products are exact, ceil(chain/16) steps.
+    "tf32": 3xTF32 products err by up to 3*2^-22 (split residue, dropped lo*lo'), and there are
+    3 steps per 8 rows. Then the split reduction (splits - 1 additions) and the EMA (2 roundings)
+    add (splits + 2) u."""
+    if path == "simt":
+        steps = chain * U
+    elif path == "mma16":
+        steps = -(-chain // 16) * 4 * U
+    else:
+        steps = (3 + 3 * -(-chain // 8)) * 4 * U
     return steps + (splits + 2) * U
 
 
+@pytest.mark.parametrize("tensor_cores", [True, False], ids=["sm80", "simt"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,d,bias,weighted,splits", [
     (1, 1, False, False, 1), (7, 33, True, False, 1), (97, 64, False, False, 2), (70, 65, True, True, 3),
     (40, 130, True, False, 1), (300, 9, True, False, 4), (0, 5, True, False, 1), (33, 0, True, False, 1),
 ])
-def test_factor(E, dtype, n, d, bias, weighted, splits):
+def test_factor(E, tensor_cores, dtype, n, d, bias, weighted, splits):
     gen = torch.Generator().manual_seed(n * 131 + d)
     a = torch.randn(n, d, generator=gen).to(dtype)
     w = torch.rand(n, generator=gen) + 0.1 if weighted else None
@@ -155,16 +163,27 @@ def test_factor(E, dtype, n, d, bias, weighted, splits):
     A0 = torch.randn(D, D, generator=gen)
     A0 = A0 + A0.t()
     rows_per_split = -(-max(n, 1) // splits)
-    tensor_cores = dtype != torch.float32 and not weighted
+    path = "simt" if not tensor_cores else "mma16" if dtype != torch.float32 and not weighted else "tf32"
     abs_rows = a.double().abs()
     if bias:
         abs_rows = torch.cat([abs_rows, torch.ones(n, 1, dtype=torch.float64)], dim=1)
     for beta, start in [(0.75, A0.clone()), (0.0, torch.full_like(A0, float("nan")))]:
-        A = E.factor(start, a, bias, weights=w, splits=splits, beta=beta, alpha=0.5)
+        A = E.factor(start, a, bias, weights=w, splits=splits, beta=beta, alpha=0.5, tensor_cores=tensor_cores)
         ref = accumulate_factor_reference(A0.double().clone(), a.double(), bias=bias,
                                           weights=None if w is None else w.double(), beta=beta, alpha=0.5)
         terms = accumulate_factor_reference(abs(beta) * A0.double().abs(), abs_rows, bias=False,
                                             weights=None if w is None else w.double(), beta=1.0, alpha=0.5)
         assert torch.isfinite(A).all() and torch.equal(A, A.t())
         err = ((A.double() - ref).abs() / terms.clamp_min(1e-300)).max().item() if D else 0.0
-        assert err <= factor_error_bound(rows_per_split, splits, tensor_cores), err
+        assert err <= factor_error_bound(rows_per_split, splits, path), err
+
+
+def test_tf32_split_keeps_fp32_accuracy(E):
+    """3xTF32 must be far more accurate than plain TF32 (10-bit mantissas, ~2^-11 relative):
+    on rows with full fp32 mantissas the error stays near the fp32 level."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(64, 40, generator=gen) * 3.7
+    A = E.factor(torch.zeros(40, 40), a, False, tensor_cores=True)
+    ref = a.double().t() @ a.double()
+    terms = a.double().abs().t() @ a.double().abs()
+    assert ((A.double() - ref).abs() / terms).max().item() < 2e-6

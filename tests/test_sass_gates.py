@@ -3,8 +3,9 @@
 extension is not built or cuobjdump is missing; CI installs both (.ci/run).
 
 Gates: no register spills or stack frames anywhere; a register budget per kernel (the
-occupancy its launch shape was designed for); tensor-core kernels contain HMMA and load their
-fragments with LDSM (ldmatrix), and no kernel uses generic-address LD.E/ST.E (shared memory
+occupancy its launch shape was designed for); tensor-core kernels have HMMA in their hot loop
+and load their fragments from shared memory (16-bit ones with LDSM, i.e. ldmatrix), and no
+kernel uses generic-address LD.E/ST.E (shared memory
 must be addressed as shared, global as global); the hot loop of each kernel keeps at least
 its recorded compute fraction (static math / instructions: a regression floor, printed by
 ``python bench/kernel_sass.py``)."""
@@ -22,6 +23,7 @@ import kernel_sass  # noqa: E402
 # -> 5 blocks; gemm_tile users 256 x 64 -> 4 blocks; scale kernels 256 x 80 -> 3 blocks.
 BUDGETS = {
     "factor_mma_kernel": (96, 0.04),
+    "factor_tf32_kernel": (96, 0.075),
     "factor_simt_kernel": (48, 0.24),
     "gemm_kernel": (64, 0.45),
     "scale_rows_kernel": (80, 0.45),
@@ -31,7 +33,9 @@ BUDGETS = {
     "scale_kernel": (32, 0.0),
     "sum_partials_kernel": (32, 0.0),
 }
-TENSOR_CORE_KERNELS = ("factor_mma_kernel",)
+# tensor-core kernel -> whether its fragments must come through ldmatrix (16-bit operands;
+# tf32 fragments are 32-bit and load with LDS)
+TENSOR_CORE_KERNELS = {"factor_mma_kernel": True, "factor_tf32_kernel": False}
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +65,15 @@ def test_no_spills_and_register_budget(kernels):
         assert 0 < k.registers <= BUDGETS[base(k)][0], f"{k.name}: {k.registers} registers"
 
 
-def test_tensor_core_kernels_use_hmma_and_ldmatrix(kernels):
+def test_tensor_core_kernels_use_hmma_and_shared_fragments(kernels):
     tc = [k for k in kernels if base(k) in TENSOR_CORE_KERNELS]
-    assert tc, "no tensor-core kernel found"
+    assert {base(k) for k in tc} == set(TENSOR_CORE_KERNELS), "a tensor-core kernel is missing"
     for k in tc:
-        assert k.hmma > 0 and k.ldmatrix > 0, f"{k.name}: {k.hmma} HMMA, {k.ldmatrix} LDSM"
-        assert k.hot_loop is not None and k.hot_loop.hmma > 0, f"{k.name}: no HMMA in the hot loop"
+        loop = k.hot_loop
+        assert loop is not None and loop.hmma > 0, f"{k.name}: no HMMA in the hot loop"
+        assert loop.shared_loads > 0, f"{k.name}: fragments not loaded from shared memory"
+        if TENSOR_CORE_KERNELS[base(k)]:
+            assert k.ldmatrix > 0, f"{k.name}: no LDSM (ldmatrix)"
 
 
 def test_no_generic_memory_access(kernels):

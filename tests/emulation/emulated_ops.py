@@ -22,7 +22,7 @@ def lib() -> ctypes.CDLL:
         _lib.emu_conv_workspace.restype = ctypes.c_longlong
         _lib.emu_factor_workspace.restype = ctypes.c_longlong
         _lib.emu_factor.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [
-            ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_float]
+            ctypes.c_int] * 5 + [ctypes.c_float, ctypes.c_float]
         _lib.emu_precondition.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + [
             ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int]
         _lib.emu_scale.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6 + [ctypes.c_float] * 2
@@ -88,15 +88,16 @@ def conv_factor(A, x, kernel_size: Sequence[int], stride, padding, dilation, bia
     return A
 
 
-def factor(A, a, bias: bool, weights=None, splits=1, beta=0.0, alpha=1.0):
-    """A <- beta A + alpha abar^T diag(w) abar in place with the emulated factor_accumulate.cu
-    (unweighted 16-bit rows take the mma.sync path); ``splits`` cuts the rows as the caller would."""
+def factor(A, a, bias: bool, weights=None, splits=1, beta=0.0, alpha=1.0, tensor_cores=True):
+    """A <- beta A + alpha abar^T diag(w) abar in place with the emulated factor_accumulate.cu.
+    tensor_cores: the sm_80+ paths (mma.sync for unweighted 16-bit rows, 3xTF32 otherwise), else
+    the SIMT kernel; ``splits`` cuts the rows as the caller would."""
     a = a.contiguous()
     weights = None if weights is None else weights.contiguous()
     n, d = a.shape
     need = lib().emu_factor_workspace(A.shape[0], splits)
     ws = poisoned(need) if need else None
     rc = lib().emu_factor(_ptr(A), _ptr(a, *_X_TYPES) if a.numel() else None, _X_TYPES[a.dtype], _ptr(weights),
-                          _ptr(ws), n, d, int(bias), splits, beta, alpha)
+                          _ptr(ws), n, d, int(bias), int(tensor_cores), splits, beta, alpha)
     assert rc == 0
     return A

@@ -76,9 +76,10 @@ int emu_conv(const void* x, int x_type, const float* w, float* A, float* ws, con
 
 long long emu_factor_workspace(int D, int splits) { return kfac::factor_accumulate_workspace_floats(D, splits); }
 
-// a_type: 0 fp32, 1 bf16, 2 fp16. The tensor-core path is taken for unweighted 16-bit rows, as on sm_80+.
-int emu_factor(float* A, const void* a, int a_type, const float* w, float* ws, int n, int d, int bias, int splits,
-               float beta, float alpha) {
+// a_type: 0 fp32, 1 bf16, 2 fp16. tensor_cores: the sm_80+ paths (mma.sync bf16/fp16 for
+// unweighted 16-bit rows, 3xTF32 otherwise); 0: the SIMT kernel used below sm_80.
+int emu_factor(float* A, const void* a, int a_type, const float* w, float* ws, int n, int d, int bias,
+               int tensor_cores, int splits, float beta, float alpha) {
     kfac::FactorArgs f;
     f.factor = A;
     f.a = a;
@@ -88,7 +89,7 @@ int emu_factor(float* A, const void* a, int a_type, const float* w, float* ws, i
     f.n = n;
     f.d = d;
     f.bias = bias != 0;
-    f.tensor_cores = true;
+    f.tensor_cores = tensor_cores != 0;
     f.splits = splits;
     f.beta = beta;
     f.alpha = alpha;

@@ -24,8 +24,8 @@ long long emu_conv_workspace(int d, int splits);
 int emu_conv(const void* x, int x_type, const float* w, float* A, float* ws, const int* geometry, int bias,
              int splits, float beta, float alpha);
 long long emu_factor_workspace(int D, int splits);
-int emu_factor(float* A, const void* a, int a_type, const float* w, float* ws, int n, int d, int bias, int splits,
-               float beta, float alpha);
+int emu_factor(float* A, const void* a, int a_type, const float* w, float* ws, int n, int d, int bias,
+               int tensor_cores, int splits, float beta, float alpha);
 }
 
 namespace {
@@ -185,12 +185,14 @@ void factor_cases() {
             std::vector<float> A0 = random_floats(size_t(D) * D);
             for (int i = 0; i < D; ++i)
                 for (int j = 0; j < i; ++j) A0[size_t(i) * D + j] = A0[size_t(j) * D + i];
+            for (int tensor_cores = 0; tensor_cores < 2; ++tensor_cores)
             for (float beta : {0.f, 0.75f}) {
+                if (quick && beta == 0.f) continue;
                 std::vector<float> A = beta == 0.f ? std::vector<float>(A0.size(), NAN) : A0;
                 Buffer ws(emu_factor_workspace(D, splits));
                 const void* ap = type == 0 ? static_cast<const void*>(a.data()) : a16.data();
                 CHECK(emu_factor(A.data(), n ? ap : nullptr, type, c[3] ? w.data() : nullptr, ws.get(), n, d, bias,
-                                 splits, beta, 0.5f) == 0);
+                                 tensor_cores, splits, beta, 0.5f) == 0);
                 CHECK(all_finite(A) && symmetric(A, D));
             }
         }

@@ -193,6 +193,12 @@ inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32
     }
 }
 
+}  // namespace emu
+
+inline float __uint_as_float(uint32_t u) { return emu::bits_to_float(u); }
+
+namespace emu {
+
 // cvt.rna.tf32.f32: nearest, ties away from zero, 10 mantissa bits kept.
 inline uint32_t to_tf32(float x) {
     uint32_t u;
