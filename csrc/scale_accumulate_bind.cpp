@@ -60,6 +60,8 @@ void scale_common(py::object S_obj, py::object gt_obj, py::object at_obj, py::ob
     args.at = at.data_as<float>();
     args.scale = S.data_as<float>();
     args.workspace = need > 0 ? ws->data_as<float>() : nullptr;
+    // Weight sharing with T = 0 positions: every per-example sum is empty, so S <- beta*S + 0;
+    // the launcher's `shared` flag keeps that from being read as n rows of an empty tensor.
     args.n = int(n);
     args.positions = int(positions);
     args.shared = ndim == 3;
@@ -105,7 +107,12 @@ void register_scale_accumulate(py::module_& m) {
           py::arg("d_out"), py::arg("d_in"), py::arg("splits"),
           "float32 elements of workspace the scale kernels need (0 when splits == 1).");
     m.def("scale_accumulate_tiles",
-          [](int64_t d_out, int64_t d_in) { return scale_accumulate_tiles(int(d_out), int(d_in)); },
+          [](int64_t d_out, int64_t d_in) {
+              require_shape(d_out >= 1 && d_in >= 1 && d_out < kMaxDim && d_in < kMaxDim, "d_out, d_in",
+                            "expected 1 <= d_out, d_in < " + std::to_string(kMaxDim) + ", got " +
+                                std::to_string(d_out) + ", " + std::to_string(d_in));
+              return scale_accumulate_tiles(int(d_out), int(d_in));
+          },
           py::arg("d_out"), py::arg("d_in"), "Number of 64 x 64 tiles (thread blocks per split).");
 }
 

@@ -12,6 +12,8 @@ namespace {
 
 constexpr const char* kVersionedName = "dltensor_versioned";
 constexpr const char* kLegacyName = "dltensor";
+constexpr int kMaxDims = 64;                      // far above any op's ndim; bounds the shape read
+constexpr int64_t kMaxElements = int64_t{1} << 48;  // 1 PiB of bytes: beyond any device
 
 std::string arg_error(const TensorSpec& spec, const std::string& message) {
   return std::string(spec.name) + ": " + message;
@@ -61,6 +63,33 @@ bool is_c_contiguous(const DLTensor& t) {
     expected *= t.shape[i];
   }
   return true;
+}
+
+// A malformed capsule must raise, never crash: the declared ndim, shape and strides are read
+// only once they are known to be consistent, and sizes are checked for sign and overflow.
+void check_layout(const DLTensor& t, const TensorSpec& spec) {
+  if (t.ndim < 0 || t.ndim > kMaxDims) {
+    throw py::value_error(arg_error(spec, "malformed DLPack tensor: ndim " + std::to_string(t.ndim) +
+                                              " outside [0, " + std::to_string(kMaxDims) + "]"));
+  }
+  if (t.ndim > 0 && t.shape == nullptr) {
+    throw py::value_error(arg_error(spec, "malformed DLPack tensor: " + std::to_string(t.ndim) +
+                                              " dimensions but no shape"));
+  }
+  int64_t elements = 1;
+  for (int i = 0; i < t.ndim; ++i) {
+    if (t.shape[i] < 0) {
+      throw py::value_error(arg_error(spec, "malformed DLPack tensor: size " + std::to_string(t.shape[i]) +
+                                                " of dimension " + std::to_string(i) + " is negative"));
+    }
+    if (t.shape[i] != 0 && elements > kMaxElements / t.shape[i]) {
+      throw py::value_error(arg_error(spec, "malformed DLPack tensor: more than 2^48 elements"));
+    }
+    elements *= t.shape[i];
+  }
+  if (t.data == nullptr && elements > 0) {
+    throw py::value_error(arg_error(spec, "malformed DLPack tensor: no data pointer"));
+  }
 }
 
 // (device_type, device_id) from __dlpack_device__(), without exporting anything.
@@ -164,6 +193,7 @@ CudaTensor take_cuda_tensor(py::handle obj, const TensorSpec& spec, std::uintptr
   if (t.device.device_type != kDLCUDA) {
     throw py::value_error(arg_error(spec, "exported tensor is not on a CUDA device"));
   }
+  check_layout(t, spec);  // before anything reads shape or strides
   const std::optional<DType> dtype = to_dtype(t.dtype);
   bool allowed = false;
   for (DType d : spec.dtypes) allowed = allowed || (dtype && *dtype == d);

@@ -96,7 +96,16 @@ def main() -> None:
         with torch.no_grad():
             accuracy = (model(x).argmax(1) == y).float().mean().item()
         sent = {k: v // max(args.steps, 1) for k, v in comm.bytes_communicated.items()}
-        print(f"final train accuracy {accuracy:.3f}; bytes per step sent by rank 0: {sent}", flush=True)
+        # one write, like the step lines: print() writes the newline apart, and another rank's
+        # line could land in between and be lost to the line-based comparison of the ranks
+        sys.stdout.write(f"final train accuracy {accuracy:.3f}; bytes per step sent by rank 0: {sent}\n")
+        sys.stdout.flush()
+    # Leave the process group in step: rank 0 evaluates above while the others would already
+    # exit, and a rank exiting with a peer still inside gloo, or an interpreter destroying DDP's
+    # reducer after its group, aborts ("terminate called without an active exception"). So wait
+    # for every rank, drop what holds the group (DDP, the optimizer's comm), then destroy it.
+    dist.barrier()
+    del net, opt, comm
     dist.destroy_process_group()
 
 

@@ -54,6 +54,11 @@ class LayerBatch:
         self.backend = backend
         self.per_token = per_token
         self.bias = adapter.has_bias
+        for calls in self.forwards:  # checked before any curvature changes
+            sizes = [adapter.output_grads(g).shape[0] for _, g in calls]
+            if len(set(sizes)) > 1:
+                raise ValueError(f"kfac_cuda: layer {adapter.name!r} was called on different numbers of examples "
+                                 f"in one forward pass ({sizes}); pass it in skip_modules")
 
     def tensors(self) -> List[torch.Tensor]:
         """Every captured input and output gradient (for the finiteness check)."""
@@ -65,10 +70,6 @@ class LayerBatch:
         out = []
         for calls in self.forwards:
             gs = [self.adapter.output_grads(g) for _, g in calls]
-            if len({g.shape[0] for g in gs}) > 1:
-                raise ValueError(f"kfac_cuda: layer {self.adapter.name!r} was called on different numbers of "
-                                 f"examples in one forward pass ({[g.shape[0] for g in gs]}); pass it in "
-                                 "skip_modules")
             g = torch.cat(gs, dim=1) if len(gs) > 1 else gs[0]
             a = [self.adapter.activations(x) for x, _ in calls]
             a = torch.cat(a, dim=1) if len(a) > 1 else a[0]

@@ -23,6 +23,8 @@ class OutputSpec(NamedTuple):
 class LocalComm:
     """Single process: nothing to communicate."""
 
+    world_size = 1
+
     def attach(self, model: nn.Module) -> None:
         """Called once by the Preconditioner with the model it was given (possibly wrapped
         in DistributedDataParallel)."""
@@ -34,6 +36,10 @@ class LocalComm:
     def average_gradients(self) -> None:
         """Make every rank's ``.grad`` of the attached model's parameters the average over
         ranks (no-op when a wrapper such as DDP already did)."""
+
+    def count_true(self, flags: Sequence[bool]) -> List[int]:
+        """For each flag, on how many ranks it holds."""
+        return [int(f) for f in flags]
 
     def average_(self, tensors: Sequence[torch.Tensor]) -> None:
         """Replace each tensor in place by its average over ranks."""

@@ -61,6 +61,13 @@ class KFACCurvature:
         batch.accumulate_output_factor(self.buffers["G"], beta, (1 - beta) / batch.n)
         self.factors_initialized = True
 
+    def zero_synced_factors(self) -> None:
+        """Zeros in place of the factors that ranks average: this rank's share when its batch
+        did not use the layer while another rank's did (see Preconditioner._update_curvature)."""
+        for t in self.synced_factors():
+            t.zero_()
+        self.factors_initialized = True
+
     def synced_factors(self) -> List[torch.Tensor]:
         """Tensors that ranks average after a factor update."""
         return [self.buffers[k] for k in self.factor_names]
@@ -99,16 +106,43 @@ class KFACCurvature:
                                 eig_a=b["eA"] + pi * root, backend=backend)
         return precondition(V, b["QG"], b["QA"], damping=damping, eig_g=b["eG"], eig_a=b["eA"], backend=backend)
 
+    # --- transactions ------------------------------------------------------------------------
+    #: buffers that are only ever replaced (set_bases), never updated in place: a snapshot shares them
+    replaced_buffers = ("QA", "eA", "QG", "eG", "delta_ref")
+
+    def snapshot(self) -> dict:
+        """The state as it is now, for :meth:`restore` (buffers updated in place are cloned)."""
+        return {"buffers": {k: v if v is None or k in self.replaced_buffers else v.clone()
+                            for k, v in self.buffers.items()},
+                "factors_initialized": self.factors_initialized}
+
+    def restore(self, snapshot: dict) -> None:
+        """Put back the state of :meth:`snapshot` (the eigh failure count is kept)."""
+        self.buffers = dict(snapshot["buffers"])
+        self.factors_initialized = snapshot["factors_initialized"]
+
+    def finite(self) -> torch.Tensor:
+        """A 0-dim bool tensor: whether every buffer is finite (no host sync)."""
+        flags = [torch.isfinite(v).all() for v in self.buffers.values() if v is not None]
+        return torch.stack(flags).all() if flags else torch.tensor(True)
+
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"buffers": {k: (None if v is None else v.clone()) for k, v in self.buffers.items()},
                 "factors_initialized": self.factors_initialized, "eigh_failures": self.eigh_failures}
 
+    def buffer_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """The shape of every buffer (what a checkpoint must hold)."""
+        d_a, d_g = self.buffers["A"].shape[0], self.buffers["G"].shape[0]
+        shapes = {"A": (d_a, d_a), "G": (d_g, d_g), "QA": (d_a, d_a), "eA": (d_a,), "QG": (d_g, d_g),
+                  "eG": (d_g,), "delta": (), "delta_ref": (), "S": (d_g, d_a)}
+        return {k: shapes[k] for k in self.buffers}
+
     def load_state_dict(self, state: dict) -> None:
+        """Load a state validated by :func:`kfac_cuda.checkpoint.check_curvature_state`
+        (floating-point buffers are converted to this layer's device and dtype)."""
         like = self.buffers["A"]
         for k, v in state["buffers"].items():
-            if k not in self.buffers:
-                raise KeyError(f"unexpected curvature buffer {k!r} for layer {self.adapter.name}")
             self.buffers[k] = None if v is None else v.to(device=like.device, dtype=like.dtype).clone()
         self.factors_initialized = state["factors_initialized"]
         self.eigh_failures = state["eigh_failures"]
@@ -128,17 +162,27 @@ class ScaleMixin:
         (``restart="kronecker"``: l_G l_A^T, the EMA factors' own estimate of the same
         quantity) before the EMA step, or dropped (``restart="batch"``: S <- S_batch)."""
         b = self.buffers
-        if b["S"] is None:
-            b["S"] = torch.zeros(b["QG"].shape[0], b["QA"].shape[0], dtype=b["QA"].dtype, device=b["QA"].device)
-            fresh = True
-        beta = decay
-        if fresh and restart == "kronecker":
-            torch.outer(*self.kronecker_eigenvalues(), out=b["S"])
-        elif fresh:
-            beta = 0.0
+        beta = self._restart_scales(decay, fresh, restart)
         for i, (g, a) in enumerate(batch.scale_rows()):  # one call per sequence length in the batch
             accumulate_scale(b["S"], g, a, b["QG"], b["QA"], bias=batch.bias, beta=beta if i == 0 else 1.0,
                              alpha=(1 - beta) / batch.n, backend=batch.backend)
+
+    def _restart_scales(self, decay: float, fresh: bool, restart: str) -> float:
+        """Allocate S if there is none and restart it after a basis refresh (see
+        :meth:`update_scales`); return the EMA weight of S for this step's batch."""
+        b = self.buffers
+        if b["S"] is None:
+            b["S"] = torch.zeros(b["QG"].shape[0], b["QA"].shape[0], dtype=b["QA"].dtype, device=b["QA"].device)
+            fresh = True
+        if fresh and restart == "kronecker":
+            torch.outer(*self.kronecker_eigenvalues(), out=b["S"])
+            return decay
+        return 0.0 if fresh else decay
+
+    def zero_synced_scales(self) -> None:
+        """Zeros in place of S (allocated if absent): see zero_synced_factors."""
+        self._restart_scales(0.0, True, "batch")
+        self.buffers["S"].zero_()
 
     def synced_scales(self) -> List[torch.Tensor]:
         return [self.buffers["S"]]

@@ -148,9 +148,26 @@ class DistributedComm(LocalComm):
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return bool(t.item())
 
+    def count_true(self, flags: Sequence[bool]) -> List[int]:
+        if not flags:
+            return []
+        t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=self._flag_device)
+        self._count("flags", t)
+        dist.all_reduce(t, group=self.group)
+        return t.tolist()
+
     def average_gradients(self) -> None:
-        if self.grad_averaging:
-            self._average([p.grad for p in self._params if p.grad is not None], "gradients")
+        """Average every parameter's ``.grad`` over ranks, a rank without a gradient for a
+        parameter (a layer its batch did not use) counting as zeros: the gradient of the mean
+        of the ranks' losses. A parameter without a gradient on every rank keeps ``None``. The
+        collectives have the same shapes on every rank whatever each rank's batch did."""
+        if not self.grad_averaging:
+            return
+        anywhere = self.count_true([p.grad is not None for p in self._params])
+        for p, n in zip(self._params, anywhere):
+            if n and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self._average([p.grad for p, n in zip(self._params, anywhere) if n], "gradients")
 
     def average_(self, tensors: Sequence[torch.Tensor]) -> None:
         self._average(tensors, "curvature")

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from torch.optim import Optimizer
 
+from .options import sgd_hyperparameters
 from .preconditioner import Preconditioner
 
 
@@ -47,10 +48,8 @@ class _KroneckerOptimizer(Optimizer):
             raise TypeError(f"kfac_cuda.{type(self).__name__} takes the model, not {type(model).__name__}: "
                             f"{type(self).__name__}(model, lr=...) (the layers' hooks need the modules); to optimise "
                             "a subset of the parameters pass params=[...] or param groups as well")
-        if lr < 0 or momentum < 0 or weight_decay < 0:
-            raise ValueError(f"lr, momentum and weight_decay must be >= 0 (got {lr}, {momentum}, {weight_decay})")
         super().__init__(model.parameters() if params is None else params,
-                         dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+                         sgd_hyperparameters(lr, momentum, weight_decay))
         optimised = [p for group in self.param_groups for p in group["params"]]
         self.preconditioner = Preconditioner(model, self.method, kl_clip=kl_clip, parameters=optimised, **options)
 
@@ -75,10 +74,11 @@ class _KroneckerOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self.preconditioner.step(lr=self._lr_of):
+        hyper = [sgd_hyperparameters(g["lr"], g["momentum"], g["weight_decay"]) for g in self.param_groups]
+        if not self.preconditioner.step(lr=self._lr_of, params=[p for g in self.param_groups for p in g["params"]]):
             return loss
-        for group in self.param_groups:
-            lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+        for group, h in zip(self.param_groups, hyper):
+            lr, momentum, wd = h["lr"], h["momentum"], h["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -100,10 +100,16 @@ class _KroneckerOptimizer(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load the SGD state and the curvature; everything is checked before anything changes."""
         state_dict = dict(state_dict)
+        if "curvature" not in state_dict:
+            raise KeyError("optimizer checkpoint has no 'curvature' entry (not from a kfac_cuda optimizer)")
         curvature = state_dict.pop("curvature")
+        load_curvature = self.preconditioner.prepare_load(curvature)  # raises before any change
+        for group in state_dict.get("param_groups", []):
+            sgd_hyperparameters(group.get("lr", 0.0), group.get("momentum", 0.0), group.get("weight_decay", 0.0))
         super().load_state_dict(state_dict)
-        self.preconditioner.load_state_dict(curvature)
+        load_curvature()
 
 
 class KFAC(_KroneckerOptimizer):

@@ -3,8 +3,9 @@ keeps each supported layer's curvature, and rewrites ``.grad`` with the precondi
 gradient, so it composes with any torch optimizer.
 
 Order within ``step()`` (TEKFAC paper, Algorithm 1, and George et al. 2018):
-1. every gradient and captured tensor is checked; a non-finite one skips the whole step
-   (factors, scales, bases, counters and ``.grad`` untouched) with a warning;
+1. every gradient (of every parameter of the model, not only the preconditioned layers) and
+   captured tensor is checked; a non-finite one skips the whole step (factors, scales, bases,
+   counters and ``.grad`` untouched) with a warning;
 2. on factor-update steps (and basis-refresh steps) the factors' EMAs take the batch;
 3. on basis-refresh steps (``inv_update_steps``) the eigenbases are recomputed, then the
    scales (EKFAC, TEKFAC) are re-estimated in the NEW basis: from this batch, on top of the
@@ -12,13 +13,16 @@ Order within ``step()`` (TEKFAC paper, Algorithm 1, and George et al. 2018):
 4. on other scale-update steps (``scale_update_steps``) the scales' EMAs take the batch;
 5. each layer's gradient is preconditioned, optionally KL-clipped (Ba et al. 2017):
    nu = min(1, sqrt(kl_clip / sum_layers lr^2 <U, V>)), U <- nu U.
+Steps 2-5 are a transaction: the touched layers' curvature is snapshotted first and put back
+when an update would leave a factor, scale, basis or U non-finite, or when a layer's first
+eigendecomposition fails; the step is then skipped with a warning naming the layers.
 Hooks capture inputs and output gradients only on steps that update factors or scales.
 """
 from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -26,18 +30,19 @@ import torch.nn as nn
 
 from .batch import SHARING, LayerBatch
 from .capture import CaptureHooks
-from .checkpoint import curvature_state, load_curvature_state
+from .checkpoint import check_curvature_state, curvature_state
 from .comm import LocalComm, OutputSpec
 from .curvature import CURVATURES, ScaleMixin
 from .distributed import DistributedComm
 from .layers import Conv2dAdapter
+from . import options
 from .ops._dispatch import check_backend
 from .registration import Layers, parameter_report, register_layers, summary
 from .schedule import Due, Schedule
 
 METHODS = tuple(CURVATURES)
 MAX_EIGH_FAILURES = 3
-LrArg = Union[None, float, Callable[[nn.Parameter], float]]
+LrArg = options.LrArg
 LOSS_TERMS = ("examples", "tokens")
 
 
@@ -61,11 +66,6 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
-    return value
-
 
 class Preconditioner:
     """Kronecker-factored preconditioning of a model's Linear and Conv2d layers.
@@ -73,7 +73,9 @@ class Preconditioner:
     Args:
         model: the module whose layers are preconditioned.
         method: "kfac" | "ekfac" | "tkfac" | "tekfac".
-        damping: Tikhonov damping lambda (the floor of the adaptive conv damping of TKFAC/TEKFAC).
+        damping: Tikhonov damping lambda > 0 (the floor of the adaptive conv damping of TKFAC/TEKFAC).
+            Every option is checked by :mod:`kfac_cuda.options` (finite, in range, integer
+            intervals >= 1); a bad one raises ValueError naming it.
         factor_decay: EMA weight of the old factors (0 = this batch only).
         scale_decay: EMA weight of the old scales (EKFAC, TEKFAC); defaults to ``factor_decay``.
         factor_update_steps, inv_update_steps, scale_update_steps: update intervals in steps
@@ -147,44 +149,36 @@ class Preconditioner:
             raise TypeError(f"kfac_cuda: the first argument must be the model (an nn.Module), got "
                             f"{type(model).__name__}: pass the model, e.g. Preconditioner(model) or KFAC(model, "
                             "lr=...), and a subset of parameters with parameters=/params=")
-        self.method = _choice("method", method.lower(), METHODS)
-        self.damping_style = _choice("damping_style", damping_style, ("eigen", "factored"))
+        self.method = options.choice("method", method.lower() if isinstance(method, str) else method, METHODS)
+        self.damping_style = options.choice("damping_style", damping_style, ("eigen", "factored"))
         if self.damping_style == "factored" and self.method != "kfac":
             raise ValueError("damping_style='factored' applies to method='kfac' only")
-        self.fisher = _choice("fisher", fisher, ("empirical", "mc"))
-        self.weight_sharing = _choice("weight_sharing", weight_sharing, SHARING)
-        self.loss_reduction = _choice("loss_reduction", loss_reduction, ("mean", "sum"))
-        self.loss_terms = _choice("loss_terms", loss_terms, LOSS_TERMS)
+        self.fisher = options.choice("fisher", fisher, ("empirical", "mc"))
+        self.weight_sharing = options.choice("weight_sharing", weight_sharing, SHARING)
+        self.loss_reduction = options.choice("loss_reduction", loss_reduction, ("mean", "sum"))
+        self.loss_terms = options.choice("loss_terms", loss_terms, LOSS_TERMS)
         if batch_dim not in (0, 1) or isinstance(batch_dim, bool):
             raise ValueError(f"batch_dim must be 0 (batch-first) or 1 (sequence-first), got {batch_dim!r}")
         self.batch_dim = int(batch_dim)
         self.backend = check_backend(backend)
-        for name, v in (("factor_update_steps", factor_update_steps), ("inv_update_steps", inv_update_steps),
-                        ("scale_update_steps", scale_update_steps or 1)):
-            if int(v) != v or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        for name, v in (("factor_decay", factor_decay), ("scale_decay", scale_decay or 0.0)):
-            if not 0.0 <= v < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {v!r}")
-        if damping < 0:
-            raise ValueError(f"damping must be >= 0, got {damping!r}")
-        if kl_clip is not None and kl_clip <= 0:
-            raise ValueError(f"kl_clip must be positive or None, got {kl_clip!r}")
-        self.damping = float(damping)
-        self.factor_decay = float(factor_decay)
-        self.scale_decay = float(factor_decay if scale_decay is None else scale_decay)
-        self.factor_update_steps = int(factor_update_steps)
-        self.inv_update_steps = int(inv_update_steps)
-        self.scale_update_steps = int(scale_update_steps or factor_update_steps)
-        self.scale_restart = _choice("scale_restart", scale_restart, ("kronecker", "batch"))
-        self.kl_clip = kl_clip
-        self.lr = lr
-        self.adaptive_damping = adaptive_damping
-        self.check_finite = check_finite
+        self.damping = options.damping(damping)
+        self.factor_decay = options.decay("factor_decay", factor_decay)
+        self.scale_decay = self.factor_decay if scale_decay is None else options.decay("scale_decay", scale_decay)
+        self.factor_update_steps = options.positive_int("factor_update_steps", factor_update_steps)
+        self.inv_update_steps = options.positive_int("inv_update_steps", inv_update_steps)
+        self.scale_update_steps = (self.factor_update_steps if scale_update_steps is None
+                                   else options.positive_int("scale_update_steps", scale_update_steps))
+        self.scale_restart = options.choice("scale_restart", scale_restart, ("kronecker", "batch"))
+        self.kl_clip = options.optional(options.real, "kl_clip", kl_clip, low=0.0, low_open=True)
+        max_factor_dim = options.positive_int("max_factor_dim", max_factor_dim)
+        self.lr = options.learning_rate(lr)
+        self.adaptive_damping = options.flag("adaptive_damping", adaptive_damping)
+        self.check_finite = options.flag("check_finite", check_finite)
         self.grad_scaler = grad_scaler
         self.comm = comm if comm is not None else default_comm()
         self.comm.attach(model)
         model = unwrap(model)  # layer names (and checkpoints) independent of DDP / torch.compile
+        self.model_params: Dict[str, nn.Parameter] = dict(model.named_parameters())  # finiteness check
         self.steps = 0
         self.schedule = Schedule(self.factor_update_steps, self.inv_update_steps, self.scale_update_steps,
                                  issubclass(CURVATURES[self.method], ScaleMixin))
@@ -245,7 +239,7 @@ class Preconditioner:
         lr = self.lr if lr is None else lr
         if lr is None:
             raise ValueError("kl_clip needs a learning rate: pass lr= to the Preconditioner or to step()")
-        return float(lr(param)) if callable(lr) else float(lr)
+        return options.real("lr", lr(param) if callable(lr) else lr, low=0.0)
 
     def _dampings(self, names: Sequence[str]) -> Dict[str, float]:
         """Per-layer damping: fixed, or TKFAC/TEKFAC's adaptive conv damping."""
@@ -256,7 +250,9 @@ class Preconditioner:
         dense = max(conv.values(), default=self.damping)
         return {n: conv.get(n, dense) for n in names}
 
-    def _refresh_bases(self, names: Sequence[str]) -> None:
+    def _refresh_bases(self, names: Sequence[str]) -> List[str]:
+        """Recompute the eigenbases of ``names``. A layer whose decomposition fails keeps its
+        previous basis (warned); returns the layers that failed and have no basis at all."""
         mats, labels, costs = [], [], []
         for n in names:
             for side, m in zip(("input", "output"), self.layers[n][1].basis_sources()):
@@ -264,6 +260,7 @@ class Preconditioner:
                 labels.append(f"{n or '<model>'} {side} factor")
                 costs.append(float(m.shape[0]) ** 3)
         eigs = self.comm.eigh_many(mats, labels, costs)
+        without_basis = []
         for i, n in enumerate(names):
             curvature = self.layers[n][1]
             inp, out = eigs[2 * i], eigs[2 * i + 1]
@@ -272,72 +269,184 @@ class Preconditioner:
                 if curvature.eigh_failures >= MAX_EIGH_FAILURES:
                     raise RuntimeError(f"kfac_cuda: eigendecomposition of layer {n!r} failed "
                                        f"{curvature.eigh_failures} times in a row")
-                warnings.warn(f"kfac_cuda: eigendecomposition of layer {n!r} failed; keeping its previous basis",
-                              RuntimeWarning)
+                if curvature.has_basis:
+                    warnings.warn(f"kfac_cuda: eigendecomposition of layer {n!r} failed; keeping its previous "
+                                  "basis", RuntimeWarning)
+                else:
+                    without_basis.append(n)
                 continue
             curvature.eigh_failures = 0
             curvature.set_bases(inp, out)
+        return without_basis
 
     @torch.no_grad()
-    def step(self, lr: LrArg = None) -> bool:
+    def step(self, lr: LrArg = None, *, params: Optional[Iterable[torch.Tensor]] = None) -> bool:
         """Update the curvature as scheduled and replace each layer's ``.grad`` by its
-        preconditioned gradient. Returns False (and changes nothing) when a gradient or a
-        captured activation is not finite."""
+        preconditioned gradient. Returns True when it did; returns False, with a warning, and
+        changes nothing (curvature, counters, ``.grad``) when the step is refused:
+
+        - a gradient (of any parameter of the model, or of ``params``) or a captured activation
+          is not finite;
+        - a factor, scale, basis or preconditioned gradient would become non-finite (e.g. one
+          batch of huge activations overflowing a float32 factor);
+        - the first eigendecomposition of a layer failed on every rung of the eigh ladder (there
+          is no basis to precondition with; retried on the next step, an error after
+          ``MAX_EIGH_FAILURES`` consecutive failures).
+
+        The finiteness checks are skipped with ``check_finite=False``.
+
+        Args:
+            lr: learning rate(s) for KL-clipping (default: the constructor's ``lr``).
+            params: further parameters whose gradients are checked for finiteness (the
+                optimizers pass theirs).
+        """
         self.hooks.check_attached()
+        self._check_shapes([n for n, (a, _) in self.layers.items() if a.module.weight.grad is not None])
+        self.comm.average_gradients()  # may give a layer unused here the gradient of other ranks
         names = [n for n, (a, _) in self.layers.items() if a.module.weight.grad is not None]
-        self.comm.average_gradients()
+        lrs = ({n: self._lr_of(self.layers[n][0].module.weight, lr) for n in names}
+               if self.kl_clip is not None else {})
         factors_due, bases_due, scales_due = self._due()
         try:
             batches = self._batches(names) if (factors_due or scales_due) else {}
             grads = {n: self.layers[n][0].grad_matrix() for n in names}
-            if self.check_finite and not self.comm.all_true(self._all_finite(grads, batches)):
-                warnings.warn(f"kfac_cuda: non-finite gradient or activation at step {self.steps}; "
-                              "step skipped, curvature left untouched", RuntimeWarning)
+            if self.check_finite:
+                bad = self._nonfinite_inputs(grads, batches, params)
+                if not self.comm.all_true(not bad):
+                    warnings.warn(f"kfac_cuda: non-finite gradient or activation at step {self.steps}"
+                                  f"{' (' + ', '.join(bad) + ')' if bad else ' on another rank'}; "
+                                  "step skipped, curvature left untouched", RuntimeWarning)
+                    return False
+            snapshots = {n: self.layers[n][1].snapshot() for n in names}
+            try:
+                without_basis = self._update_curvature(names, batches, factors_due, bases_due, scales_due)
+            except BaseException:
+                self._restore(snapshots)
+                raise
+            if without_basis:
+                self._restore(snapshots)
+                warnings.warn(f"kfac_cuda: the first eigendecomposition of layer(s) {without_basis} failed, so "
+                              f"there is no basis to precondition with: step {self.steps} skipped, curvature "
+                              "and gradients left untouched (retried on the next step)", RuntimeWarning)
                 return False
-            self._update_curvature(names, batches, factors_due, bases_due, scales_due)
-            self._apply(names, grads, lr)
+            results = self._precondition(names, grads)
+            if self.check_finite:
+                bad = self._nonfinite_curvature(names, results)
+                if not self.comm.all_true(not bad):
+                    self._restore(snapshots)
+                    warnings.warn(f"kfac_cuda: the curvature or preconditioned gradient of layer(s) "
+                                  f"{bad or 'on another rank'} would become non-finite at step {self.steps} "
+                                  "(e.g. activations too large for the factors' dtype): step skipped, "
+                                  "curvature left untouched", RuntimeWarning)
+                    return False
+            self._write_back(results, lrs)
             self.steps += 1
             return True
         finally:
             self.hooks.clear()
 
-    @staticmethod
-    def _all_finite(grads: Dict[str, torch.Tensor], batches: Dict[str, LayerBatch]) -> bool:
-        tensors = list(grads.values()) + [t for b in batches.values() for t in b.tensors()]
-        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+    def _check_shapes(self, names: Sequence[str]) -> None:
+        """Refuse layers whose parameters were replaced by ones of another shape."""
+        for n in names:
+            adapter, curvature = self.layers[n]
+            want = (curvature.buffers["G"].shape[0], curvature.buffers["A"].shape[0])
+            got = (adapter.d_out, adapter.d_in + int(adapter.has_bias))
+            bias = getattr(adapter.module, "bias", None)
+            if got != want or (adapter.has_bias and (bias is None or bias.shape != (adapter.d_out,))):
+                raise ValueError(f"kfac_cuda: layer {n!r} changed shape since the Preconditioner was built "
+                                 f"(weight {tuple(adapter.module.weight.shape)}, gradient matrix {got}, "
+                                 f"curvature for {want}): build a new optimizer for the new model")
 
-    def _update_curvature(self, names, batches, factors_due, bases_due, scales_due) -> None:
+    def _restore(self, snapshots: Dict[str, dict]) -> None:
+        for n, snap in snapshots.items():
+            self.layers[n][1].restore(snap)
+
+    def _nonfinite_inputs(self, grads: Dict[str, torch.Tensor], batches: Dict[str, LayerBatch],
+                          params: Optional[Iterable[torch.Tensor]]) -> List[str]:
+        """Names of the non-finite gradients and captured activations (one host sync)."""
+        items: Dict[str, List[torch.Tensor]] = {f"gradient of {n!r}": [g] for n, g in grads.items()}
+        for n, b in batches.items():
+            items[f"activations or output gradients of {n!r}"] = b.tensors()
+        seen = set()
+        for name, p in list(self.model_params.items()) + [(f"param #{i}", p) for i, p in enumerate(params or ())]:
+            if p.grad is not None and id(p) not in seen:
+                seen.add(id(p))
+                items[f"gradient of {name!r}"] = [p.grad]
+        return self._nonfinite({k: torch.stack([torch.isfinite(t).all() for t in ts]).all()
+                                for k, ts in items.items() if ts})
+
+    def _nonfinite_curvature(self, names: Sequence[str], results) -> List[str]:
+        items = {n: self.layers[n][1].finite() for n in names}
+        for n, (U, dot) in results.items():
+            items[n] = items[n] & torch.isfinite(U).all() & torch.isfinite(dot).all()
+        return self._nonfinite(items)
+
+    @staticmethod
+    def _nonfinite(flags: Dict[str, torch.Tensor]) -> List[str]:
+        """The names whose flag is False (one host sync)."""
+        if not flags:
+            return []
+        ok = torch.stack(list(flags.values())).tolist()
+        return [name for name, good in zip(flags, ok) if not good]
+
+    def _update_curvature(self, names, batches, factors_due, bases_due, scales_due) -> List[str]:
+        """Update factors, bases and scales as due; returns the layers left without a basis.
+
+        Across ranks, a layer's factors and scales are averaged over the ranks whose batch used
+        it: the estimate those ranks' batches give together. A rank whose batch did not use
+        the layer contributes zeros to the sum, which is then divided by the number of ranks
+        that used it, so every collective has the same shape on every rank."""
         curvatures = [self.layers[n][1] for n in names]
+        used = self.comm.count_true([n in batches for n in names]) if (factors_due or scales_due) else []
         if factors_due:
-            for n, c in zip(names, curvatures):
+            for n, c, count in zip(names, curvatures, used):
                 if n in batches:
                     c.update_factors(batches[n], self.factor_decay)
-            self.comm.average_([t for c in curvatures for t in c.synced_factors()])
+                elif count:
+                    c.zero_synced_factors()
+            self._average_where_used(curvatures, used, lambda c: c.synced_factors())
+        without_basis: List[str] = []
         if bases_due or any(not c.has_basis for c in curvatures):
-            self._refresh_bases([n for n, c in zip(names, curvatures)
-                                 if c.factors_initialized and (bases_due or not c.has_basis)])
-        if scales_due:
-            for n, c in zip(names, curvatures):
+            without_basis = self._refresh_bases([n for n, c in zip(names, curvatures)
+                                                 if c.factors_initialized and (bases_due or not c.has_basis)])
+        if scales_due and not without_basis:
+            for n, c, count in zip(names, curvatures, used):
                 if c.has_basis and n in batches:
                     c.update_scales(batches[n], self.scale_decay, fresh=bases_due, restart=self.scale_restart)
-            self.comm.average_([t for c in curvatures if c.has_basis for t in c.synced_scales()])
+                elif c.has_basis and count:
+                    c.zero_synced_scales()
+            self._average_where_used(curvatures, [count if c.has_basis else 0 for c, count in zip(curvatures, used)],
+                                     lambda c: c.synced_scales())
+        return without_basis
 
-    def _apply(self, names, grads, lr: LrArg) -> None:
+    def _average_where_used(self, curvatures, used: List[int], tensors_of) -> None:
+        """Average ``tensors_of(c)`` of every layer used on ``used[i]`` > 0 ranks over those ranks."""
+        world = self.comm.world_size
+        self.comm.average_([t for c, count in zip(curvatures, used) if count for t in tensors_of(c)])
+        for c, count in zip(curvatures, used):
+            if 0 < count < world:  # the average counted the ranks that did not use the layer
+                for t in tensors_of(c):
+                    t.mul_(world / count)
+
+    def _precondition(self, names, grads) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """(U, <U, V>) of every layer that has a basis."""
         ready = [n for n in names if self.layers[n][1].has_basis]
         damping = self._dampings(ready)
         jobs = [(lambda n=n: self.layers[n][1].precondition(grads[n], damping[n], self.backend)) for n in ready]
         costs = [float(grads[n].numel() * sum(grads[n].shape)) for n in ready]  # GEMM multiply-adds / 2
         specs = [OutputSpec(grads[n].shape, self.layers[n][1].buffers["QA"].dtype, grads[n].device) for n in ready]
-        results = self.comm.precondition_all(jobs, costs, specs)
-        if self.kl_clip is not None and ready:
+        return dict(zip(ready, self.comm.precondition_all(jobs, costs, specs)))
+
+    def _write_back(self, results: Dict[str, Tuple[torch.Tensor, torch.Tensor]], lrs: Dict[str, float]) -> None:
+        """Write each U (KL-clipped when ``kl_clip``) into the layers' ``.grad``."""
+        if self.kl_clip is not None and results:
             # nu stays on the device (no host sync): nu = 1 where sum lr^2 <U, V> <= 0
-            vg = sum(self._lr_of(self.layers[n][0].module.weight, lr) ** 2 * dot
-                     for n, (_, dot) in zip(ready, results))
+            vg = sum(lrs[n] ** 2 * dot for n, (_, dot) in results.items())
             nu = torch.where(vg > 0, (self.kl_clip / vg.clamp_min(torch.finfo(vg.dtype).tiny)).sqrt().clamp(max=1.0),
                              torch.ones_like(vg))
         else:
             nu = None
-        for n, (U, _) in zip(ready, results):
+        for n, (U, _) in results.items():
             self.layers[n][0].set_grad_matrix(U if nu is None else U.mul_(nu))
 
     # --- checkpoints ---------------------------------------------------------------------------
@@ -345,5 +454,16 @@ class Preconditioner:
         """Everything needed to resume exactly: factors, bases, scales and counters."""
         return curvature_state(self.method, self.steps, {n: c for n, (_, c) in self.layers.items()})
 
+    def prepare_load(self, state: dict) -> Callable[[], None]:
+        """Validate a checkpoint entirely (method, layer names, buffer shapes and dtypes,
+        counters; raises naming what is wrong) and return the function that loads it."""
+        load = check_curvature_state(self.method, {n: c for n, (_, c) in self.layers.items()}, state)
+
+        def apply() -> None:
+            self.steps = load()
+
+        return apply
+
     def load_state_dict(self, state: dict) -> None:
-        self.steps = load_curvature_state(self.method, {n: c for n, (_, c) in self.layers.items()}, state)
+        """Load a checkpoint of :meth:`state_dict`; nothing changes when it is refused."""
+        self.prepare_load(state)()

@@ -117,14 +117,25 @@ def parameter_report(model: nn.Module, layers: Layers, unsupported: List[Tuple[s
             status = "not optimised (in no param group)"
         elif len(owners[id(p)]) > 1:
             status = f"tied ({', '.join(owners[id(p)])}): left to the base optimizer"
-        elif module in reasons:
-            status = f"left to the base optimizer ({reasons[module]})"
+        elif _reason_of(module, reasons) is not None:
+            status = f"left to the base optimizer ({_reason_of(module, reasons)})"
         elif module in layers:
             status = "left to the base optimizer (its layer is preconditioned without it)"
         else:
             status = "left to the base optimizer"
         report.append((pname, status))
     return report
+
+
+def _reason_of(module: str, reasons: Dict[str, str]) -> Optional[str]:
+    """The reason recorded for ``module`` or for the nearest module containing it (e.g. the
+    nn.MultiheadAttention or skipped subtree an inner module belongs to)."""
+    while True:
+        if module in reasons:
+            return reasons[module]
+        if not module:
+            return None
+        module = module.rpartition(".")[0]
 
 
 def summary(method: str, layers: Layers, unsupported: List[Tuple[str, str]],

@@ -61,8 +61,11 @@ class FakeCudaTensor:
     """Exports a DLPack capsule describing `shape`/`dtype` on cuda:`device_id`."""
 
     def __init__(self, shape, dtype=FLOAT32, strides=None, *, versioned=True, flags=0, device_id=0,
-                 device_type=KDL_CUDA, major=1, accepts_max_version=True):
+                 device_type=KDL_CUDA, major=1, accepts_max_version=True, ndim=None, null_shape=False):
+        """``ndim`` declares another number of dimensions than ``len(shape)`` and ``null_shape``
+        exports a NULL shape pointer: malformed capsules the intake must refuse."""
         self.shape, self.dtype, self.strides = list(shape), dtype, strides
+        self.ndim, self.null_shape = len(self.shape) if ndim is None else ndim, null_shape
         self.versioned, self.flags, self.major = versioned, flags, major
         self.device = (device_type, device_id)
         self.accepts_max_version = accepts_max_version
@@ -81,11 +84,11 @@ class FakeCudaTensor:
         numel = 1
         for s in self.shape:
             numel *= s
-        buffer = (ctypes.c_char * max(8, numel * self.dtype[1] // 8))()
-        shape = (ctypes.c_int64 * len(self.shape))(*self.shape)
+        buffer = (ctypes.c_char * max(8, min(numel, 1 << 20) * self.dtype[1] // 8))()
+        shape = None if self.null_shape else (ctypes.c_int64 * len(self.shape))(*self.shape)
         strides = None if self.strides is None else (ctypes.c_int64 * len(self.strides))(*self.strides)
-        tensor = DLTensor(ctypes.cast(buffer, ctypes.c_void_p), DLDevice(*self.device), len(self.shape),
-                          DLDataType(self.dtype[0], self.dtype[1], 1), shape,
+        tensor = DLTensor(ctypes.cast(buffer, ctypes.c_void_p), DLDevice(*self.device), self.ndim,
+                          DLDataType(self.dtype[0], self.dtype[1], 1), ctypes.cast(shape, ctypes.POINTER(ctypes.c_int64)),
                           ctypes.cast(strides, ctypes.POINTER(ctypes.c_int64)), 0)
 
         def on_delete(_):

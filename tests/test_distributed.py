@@ -7,6 +7,7 @@ rank skips the step on all; a checkpoint from world size 2 resumes on world size
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
@@ -106,7 +107,8 @@ def spawn(fn, world: int, *args) -> None:
 
 # --- the rank program: one 4-process group runs every scenario (process start-up dominates) ---------
 def run_all(rank: int, world: int, out: Path) -> None:
-    results = {"configs": run_configs(rank, world), "nan": run_nan_skip(rank, world), "eigh": run_eigh()}
+    results = {"configs": run_configs(rank, world), "nan": run_nan_skip(rank, world), "eigh": run_eigh(),
+               "uneven": run_uneven(rank, world)}
     pair, trio, solo = dist.new_group([0, 1]), dist.new_group([0, 1, 2]), dist.new_group([3])
     if rank < 2:
         save_checkpoint(pair, out, CKPT_STEP)
@@ -138,6 +140,59 @@ def run_nan_skip(rank: int, world: int) -> dict:
     train(net, opt, range(STEPS + 1), rank, world, nan_step=NAN_STEP)
     return {"params": flat_params(model), "steps": opt.preconditioner.steps,
             "all_true": (comm.all_true(rank != 1), comm.all_true(True))}
+
+
+class Branchy(nn.Module):
+    """A layer (``branch``) that only the first ``branch_rows`` rows of a batch go through."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        f64 = dict(dtype=torch.float64)
+        self.trunk, self.branch, self.head = nn.Linear(4, 5, **f64), nn.Linear(5, 5, **f64), nn.Linear(5, 3, **f64)
+
+    def forward(self, x, branch_rows: int):
+        h = torch.tanh(self.trunk(x))
+        if branch_rows:
+            h = torch.cat([torch.tanh(self.branch(h[:branch_rows])), h[branch_rows:]])
+        return self.head(h)
+
+
+def uneven_batch(rank: int = 0, world: int = 1):
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(BATCH, 4, dtype=torch.float64, generator=g), torch.randint(0, 3, (BATCH,), generator=g)
+    rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    return x[rows], y[rows]
+
+
+def uneven_backward(model, rank: int, world: int, used: bool) -> None:
+    """Ranks < world/2 route their rows through the branch when ``used`` (in a single process:
+    the first half of the batch)."""
+    x, y = uneven_batch(rank, world)
+    model.zero_grad()
+    rows = (len(x) if world > 1 and rank < world // 2 else BATCH // 2 if world == 1 else 0) if used else 0
+    F.cross_entropy(model(x, rows), y).backward()
+
+
+def run_uneven(rank: int, world: int) -> dict:
+    """No DDP, and a layer that only half of the ranks use: the collectives must agree in shape."""
+    model = Branchy()
+    comm = kfac_cuda.DistributedComm()
+    comm.attach(model)
+    uneven_backward(model, rank, world, used=True)
+    comm.average_gradients()
+    state = {"raw": {n: p.grad.clone() for n, p in model.named_parameters()}}
+    model = Branchy()
+    pre = kfac_cuda.Preconditioner(model, "ekfac", comm=kfac_cuda.DistributedComm(), damping=1e-2,
+                                   factor_update_steps=1, inv_update_steps=1)
+    uneven_backward(model, rank, world, used=True)
+    pre.step()
+    state["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    state["curvature"] = copy.deepcopy(pre.state_dict())
+    uneven_backward(model, rank, world, used=False)  # nobody uses the branch
+    pre.step()
+    state["unused_grad"], state["steps"] = model.branch.weight.grad, pre.steps
+    return state
 
 
 def eigh_inputs() -> list:
@@ -224,6 +279,36 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(ranks):
         torch.testing.assert_close(r["nan"]["params"], expected, rtol=1e-9, atol=1e-11)
         assert r["nan"]["steps"] == STEPS
         assert r["nan"]["all_true"] == (False, True)
+
+
+def test_layer_unused_on_some_ranks_matches_a_single_process(ranks):
+    """Without DDP, ranks 0 and 1 use the branch and ranks 2 and 3 do not (gloo aborted on
+    the gradient all_reduce of unequal lengths before). Ground truth, single processes:
+    gradients and the other layers' curvature from the concatenated batch with its first half
+    through the branch; the branch's curvature from the batch of the ranks that used it."""
+    model = Branchy()
+    pre = kfac_cuda.Preconditioner(model, "ekfac", damping=1e-2, factor_update_steps=1, inv_update_steps=1)
+    uneven_backward(model, 0, 1, used=True)
+    raw = {n: p.grad.clone() for n, p in model.named_parameters()}
+    pre.step()
+    layers = pre.state_dict()["layers"]
+    users = Branchy()  # ranks 0 and 1 (the first half of the batch) alone, all through the branch
+    users_pre = kfac_cuda.Preconditioner(users, "ekfac", damping=1e-2, factor_update_steps=1, inv_update_steps=1)
+    uneven_backward(users, 0, 2, used=True)
+    users_pre.step()
+    layers["branch"] = users_pre.state_dict()["layers"]["branch"]
+    for r in ranks:
+        got = r["uneven"]
+        for n in raw:  # gradients of the mean loss: zeros from the ranks that skipped the branch
+            torch.testing.assert_close(got["raw"][n], raw[n], rtol=1e-10, atol=1e-13)
+        for layer in ("trunk", "branch", "head"):
+            for key in ("A", "G", "S"):  # (eigenvector signs are arbitrary)
+                torch.testing.assert_close(got["curvature"]["layers"][layer]["buffers"][key],
+                                           layers[layer]["buffers"][key], rtol=1e-8, atol=1e-11,
+                                           msg=lambda m, layer=layer, key=key: f"{layer} {key}: {m}")
+        assert got["unused_grad"] is None and got["steps"] == 2
+        for n in got["grads"]:
+            assert torch.equal(got["grads"][n], ranks[0]["uneven"]["grads"][n]), "ranks disagree"
 
 
 def test_eigendecompositions_spread_over_ranks_equal_local_ones(ranks):

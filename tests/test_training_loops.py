@@ -89,6 +89,73 @@ def test_accumulated_factors_equal_explicit_definition(float64_default):
     torch.testing.assert_close(pre.layers["0"][1].buffers["G"], per_example_g.t() @ per_example_g / 10)
 
 
+def test_accumulation_with_submodules_called_directly(float64_default):
+    """A loop that calls the model's submodules itself (no forward of the model given to the
+    optimizer): each layer counts its own calls, and k micro-batches still equal the whole batch."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    parts, whole = copy.deepcopy(seq), copy.deepcopy(seq)
+    opt_parts, opt_whole = kfac_cuda.TEKFAC(parts, **OPTIONS), kfac_cuda.TEKFAC(whole, **OPTIONS)
+    for x, y in data(3):
+        opt_whole.zero_grad()
+        F.cross_entropy(whole(x), y).backward()
+        opt_whole.step()
+        opt_parts.zero_grad()
+        for xs, ys in zip(x.chunk(2), y.chunk(2)):
+            (F.cross_entropy(parts[2](parts[1](parts[0](xs))), ys) / 2).backward()
+        opt_parts.step()
+    torch.testing.assert_close(flat(parts), flat(whole), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_changes_nothing(float64_default, reentrant):
+    """torch.utils.checkpoint recomputes a block's forward during backward (outside the model's
+    forward pass); the step must equal the one without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self, ckpt):
+            super().__init__()
+            torch.manual_seed(0)
+            self.block = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh())
+            self.head = nn.Linear(6, 3)
+            self.ckpt = ckpt
+
+        def forward(self, x):
+            h = checkpoint(self.block, x, use_reentrant=reentrant) if self.ckpt else self.block(x)
+            return self.head(h)
+
+    models = [Net(False), Net(True)]
+    opts = [kfac_cuda.EKFAC(m, **OPTIONS) for m in models]
+    for x, y in data(3):
+        x.requires_grad_(reentrant)  # reentrant checkpointing needs an input that requires grad
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            for xs, ys in zip(x.chunk(2), y.chunk(2)):
+                (F.cross_entropy(model(xs), ys) / 2).backward()
+            opt.step()
+    torch.testing.assert_close(flat(models[1]), flat(models[0]), rtol=1e-10, atol=1e-12)
+
+
+def test_layer_called_on_different_numbers_of_examples_is_refused_before_any_change():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.lin(x).sum() + self.lin(x[:2]).sum()
+
+    model = Odd()
+    opt = kfac_cuda.KFAC(model, **OPTIONS)
+    model(torch.randn(5, 4)).backward()
+    weight = model.lin.weight.detach().clone()
+    with pytest.raises(ValueError, match="'lin' was called on different numbers of examples"):
+        opt.step()
+    assert torch.equal(model.lin.weight, weight) and opt.preconditioner.steps == 0
+    assert not opt.preconditioner.layers["lin"][1].factors_initialized
+
+
 # --- forward passes between steps ----------------------------------------------------------------------
 def test_eval_forwards_with_grad_do_not_change_the_mc_fisher():
     """Validation/logging forwards with grad enabled, never followed by a backward, count for nothing."""
@@ -342,6 +409,13 @@ def test_bad_layout_options_raise():
             kfac_cuda.Preconditioner(mlp(), **bad)
 
 
+def test_per_token_terms_leave_conv_layers_out_with_a_reason():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2))
+    pre = kfac_cuda.Preconditioner(model, loss_terms="tokens")
+    assert list(pre.layers) == ["2"]
+    assert "loss_terms='tokens'" in dict(pre.unsupported)["0"]
+
+
 @pytest.mark.parametrize("method", ["ekfac", "tkfac"])
 def test_per_token_loss_matches_dense_per_token_fisher(float64_default, method):
     """A language-model loss, the mean over all B*T tokens: with loss_terms='tokens' the factors
@@ -416,12 +490,14 @@ def test_transposed_conv1d_equals_linear(float64_default, method):
 
 
 @pytest.mark.parametrize("method", ["KFAC", "TEKFAC"])
-def test_conv2d_padding_same_equals_explicit_padding(method):
+@pytest.mark.parametrize("padding", [("same", 2), ("valid", 0)])
+def test_conv2d_string_padding_equals_explicit_padding(method, padding):
     models = []
-    for padding in ("same", 2):
+    features = 3 * (36 if padding[1] else 4)  # 6x6 inputs, 3x3 kernel with dilation 2
+    for padding in padding:
         torch.manual_seed(14)
         models.append(nn.Sequential(nn.Conv2d(2, 3, 3, padding=padding, dilation=2), nn.Tanh(), nn.Flatten(),
-                                    nn.Linear(3 * 36, 4)))
+                                    nn.Linear(features, 4)))
     opts = [getattr(kfac_cuda, method)(m, **OPTIONS) for m in models]
     g = torch.Generator().manual_seed(15)
     for _ in range(3):
@@ -439,3 +515,137 @@ def test_conv2d_padding_same_with_even_kernel_is_refused_clearly():
     pre = kfac_cuda.Preconditioner(model)
     assert list(pre.layers) == ["2"]
     assert "asymmetrically" in dict(pre.unsupported)["0"]
+
+
+# --- torch.compile ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_model_names_checkpoints_no_graph_breaks_no_recompiles(backend):
+    """Layer names as in the eager model, checkpoints interchangeable, the same steps, one graph
+    without breaks, and no recompilation while capture switches on and off with the schedule."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled_inner = mlp(), mlp()
+    compiled = torch.compile(compiled_inner, backend=backend)
+    options = dict(OPTIONS, factor_update_steps=2, inv_update_steps=4)
+    opt_eager, opt_compiled = kfac_cuda.EKFAC(eager, **options), kfac_cuda.EKFAC(compiled, **options)
+    assert list(opt_compiled.preconditioner.layers) == list(opt_eager.preconditioner.layers) == ["0", "2"]
+    batches = data(8)
+
+    def run(model, opt, steps):
+        for x, y in steps:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    run(eager, opt_eager, batches[:4])
+    run(compiled, opt_compiled, batches[:1])  # the first call compiles
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run(compiled, opt_compiled, batches[1:4])
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1, dict(counters)
+    torch.testing.assert_close(flat(compiled_inner), flat(eager), rtol=1e-6, atol=1e-7)
+    # an eager checkpoint resumes in the compiled model and vice versa
+    resumed_compiled, resumed_eager = mlp(), mlp()
+    compiled_again = torch.compile(resumed_compiled, backend=backend)
+    opt_rc, opt_re = kfac_cuda.EKFAC(compiled_again, **options), kfac_cuda.EKFAC(resumed_eager, **options)
+    resumed_compiled.load_state_dict(eager.state_dict())
+    opt_rc.load_state_dict(copy.deepcopy(opt_eager.state_dict()))
+    resumed_eager.load_state_dict(compiled_inner.state_dict())
+    opt_re.load_state_dict(copy.deepcopy(opt_compiled.state_dict()))
+    for model, opt in ((eager, opt_eager), (resumed_eager, opt_re), (compiled_again, opt_rc)):
+        run(model, opt, batches[4:])
+    torch.testing.assert_close(flat(resumed_compiled), flat(eager), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(flat(resumed_eager), flat(eager), rtol=1e-6, atol=1e-7)
+    torch._dynamo.reset()
+
+
+def test_compiled_layer_called_twice_warns():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(self.lin(x)))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(Twice(), backend="eager")
+    opt = kfac_cuda.KFAC(compiled, **OPTIONS)
+    with pytest.warns(RuntimeWarning, match="'lin' of a compiled model received several output gradients"):
+        compiled(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    torch._dynamo.reset()
+
+
+def test_compiled_model_mc_fisher_and_accumulation_equal_eager():
+    torch._dynamo.reset()
+    eager, compiled_inner = mlp(), mlp()
+    compiled = torch.compile(compiled_inner, backend="aot_eager")
+    opts = [kfac_cuda.KFAC(m, fisher="mc", **OPTIONS) for m in (eager, compiled)]
+    for model, opt in zip((eager, compiled), opts):
+        torch.manual_seed(18)
+        for x, y in data(3):
+            opt.zero_grad()
+            for xs, ys in zip(x.chunk(2), y.chunk(2)):
+                out = model(xs)
+                model(xs * 2).sum()  # an evaluation forward with grad enabled: no backward
+                opt.sample_fisher(out)
+                (F.cross_entropy(out, ys) / 2).backward()
+            opt.step()
+    torch.testing.assert_close(flat(compiled_inner), flat(eager), rtol=1e-6, atol=1e-7)
+    torch._dynamo.reset()
+
+
+def test_hf_gpt2_conv1d_layers_preconditioned_and_tied_head_left_to_sgd(float64_default):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2,
+                                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(16)
+    model = transformers.GPT2LMHeadModel(config).double()
+    opt = kfac_cuda.KFAC(model, lr=0.1, momentum=0.9, factor_decay=0.0, factor_update_steps=1, backend="torch")
+    assert set(opt.preconditioner.layers) == {f"transformer.h.0.{m}" for m in
+                                             ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert "transformer.wte.weight: tied (transformer.wte, lm_head)" in opt.summary()
+    ids = torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(17))
+    seen = {}
+
+    def keep(module, inputs, out):
+        out.retain_grad()
+        seen["x"], seen["out"] = inputs[0].detach(), out
+
+    hook = model.transformer.h[0].mlp.c_fc.register_forward_hook(keep)
+    model(ids, labels=ids).loss.backward()
+    hook.remove()
+    wte, wte_grad = model.transformer.wte.weight.detach().clone(), model.transformer.wte.weight.grad.clone()
+    opt.step()
+    a = with_ones(seen["x"]).reshape(-1, 9)
+    g = seen["out"].grad.reshape(-1, 32) * 3  # per-example (the loss is a mean over the 3 sequences' tokens)
+    buf = opt.preconditioner.layers["transformer.h.0.mlp.c_fc"][1].buffers
+    torch.testing.assert_close(buf["A"], a.t() @ a / 18)
+    torch.testing.assert_close(buf["G"], g.t() @ g / 3)
+    torch.testing.assert_close(model.transformer.wte.weight, wte - 0.1 * wte_grad)
+
+
+def test_summary_tells_what_happens_to_every_parameter():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(5, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.frozen = nn.Linear(8, 8)
+            self.ff = nn.Linear(8, 8)
+            self.norm = nn.LayerNorm(8)
+            self.head = nn.Linear(8, 5, bias=False)
+            self.head.weight = self.emb.weight
+            self.frozen.requires_grad_(False)
+
+    model = Model()
+    opt = kfac_cuda.KFAC(model, lr=0.1, params=[p for n, p in model.named_parameters() if not n.startswith("norm")])
+    lines = dict(line.strip().split(": ", 1) for line in opt.summary().split("parameters:\n")[1].splitlines())
+    assert set(lines) == {n for n, _ in model.named_parameters()}
+    assert lines["emb.weight"].startswith("tied (emb, head)")
+    assert lines["attn.out_proj.weight"].startswith("left to the base optimizer (nn.MultiheadAttention")
+    assert lines["frozen.weight"] == lines["frozen.bias"] == "frozen"
+    assert lines["ff.weight"] == lines["ff.bias"] == "preconditioned (layer ff)"
+    assert lines["norm.weight"] == "not optimised (in no param group)"
