@@ -169,10 +169,12 @@ __global__ void __launch_bounds__(kSimtThreads)
   write_tile<kTile + 1>(A, rows.partial, D, sC, i0, j0, alpha, beta);
 }
 
-// Stores warp (wm, wn)'s 2 x 4 accumulators (m16n8 C fragments: c_e at row g + 8(e >= 2),
-// col 2t + (e & 1)) into the row-major tile sC.
+// Epilogue of both tensor-core kernels: warp (wm, wn)'s 2 x 4 accumulators (m16n8 C fragments:
+// c_e at row g + 8(e >= 2), col 2t + (e & 1)) go to the row-major tile sC, then write_tile.
 template <int LDC>
-__device__ __forceinline__ void store_fragments(float* sC, const float (&acc)[2][4][4], int wm, int wn, int lane) {
+__device__ __forceinline__ void write_fragments(float* A, const RowRange& rows, int D, float* sC,
+                                                const float (&acc)[2][4][4], int wm, int wn, int lane, int i0,
+                                                int j0, float alpha, float beta) {
   const int g = lane / 4, t = lane % 4;
 #pragma unroll
   for (int m = 0; m < 2; ++m)
@@ -181,6 +183,8 @@ __device__ __forceinline__ void store_fragments(float* sC, const float (&acc)[2]
 #pragma unroll
       for (int e = 0; e < 4; ++e)
         sC[(wm * 32 + m * 16 + g + 8 * (e >> 1)) * LDC + wn * 32 + q * 8 + 2 * t + (e & 1)] = acc[m][q][e];
+  __syncthreads();
+  write_tile<LDC>(A, rows.partial, D, sC, i0, j0, alpha, beta);
 }
 
 // Bit pattern of 1.0 in the 16-bit input type (the bias column).
@@ -250,9 +254,7 @@ __global__ void __launch_bounds__(kMmaThreads)
     }
     __syncthreads();
   }
-  store_fragments<LDC>(sC, acc, wm, wn, lane);
-  __syncthreads();
-  write_tile<LDC>(A, rows.partial, D, sC, i0, j0, alpha, beta);
+  write_fragments<LDC>(A, rows, D, sC, acc, wm, wn, lane, i0, j0, alpha, beta);
 #else
   __trap();  // the host never selects this path below sm_80
 #endif
@@ -316,9 +318,7 @@ __global__ void __launch_bounds__(kMmaThreads)
     }
     __syncthreads();
   }
-  store_fragments<LDC>(sC, acc, wm, wn, lane);
-  __syncthreads();
-  write_tile<LDC>(A, rows.partial, D, sC, i0, j0, alpha, beta);
+  write_fragments<LDC>(A, rows, D, sC, acc, wm, wn, lane, i0, j0, alpha, beta);
 #else
   __trap();  // the host never selects this path below sm_80
 #endif
