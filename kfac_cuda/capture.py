@@ -209,7 +209,9 @@ class CaptureHooks:
         if torch._C._functorch.is_functorch_wrapped_tensor(inputs[0]):
             return  # a torch.func transform (vmap/grad) of the model, not a training step
         x = inputs[0].detach()
-        examples = x[..., 0].numel() if self.per_token else self.adapters[name].batch_size(x)
+        adapter = self.adapters[name]
+        tokens = getattr(adapter, "token_count", lambda t: t[..., 0].numel())  # an embedding's input: indices
+        examples = tokens(x) if self.per_token else adapter.batch_size(x)
         forward, orphan = self._forward, self._forward is None
         if orphan:  # a call outside a forward pass of the root model
             forward = next(self._ids)

@@ -49,7 +49,8 @@ def _check_layer(name: str, curvature: KFACCurvature, state) -> None:
     if not isinstance(state["factors_initialized"], bool):
         raise ValueError(f"{where}: factors_initialized must be a bool")
     _count(f"layer {name!r} eigh_failures", state["eigh_failures"])
-    bases = {k: buffers[k] is None for k in ("QA", "eA", "QG", "eG")}
+    basis_keys = getattr(curvature, "basis_keys", ("QA", "eA", "QG", "eG"))  # set together by set_bases
+    bases = {k: buffers[k] is None for k in basis_keys}
     if len(set(bases.values())) > 1:
         raise ValueError(f"{where}: eigenbases only partly present ({[k for k, none in bases.items() if none]} missing)")
 

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .batch import LayerBatch
+from .exponent import powered
 from .layers import LayerAdapter
 from .ops import accumulate_scale, precondition
 
@@ -37,12 +38,15 @@ class KFACCurvature:
     """K-FAC: factors A (input side) and G (output side) and their eigenbases."""
 
     factor_names = ("A", "G")
+    exponent = 1.0  # the step is (F^ + damping I)^(-exponent) V (see exponent.py)
 
     def __init__(self, adapter: LayerAdapter, dtype: torch.dtype, device: torch.device, damping_style: str = "eigen"):
         self.adapter = adapter
         self.damping_style = damping_style
+        self.dtype = dtype  # of the factors, bases and scales (float32, or float64 for float64 models)
         d_a = adapter.d_in + int(adapter.has_bias)
         self.dim = d_a * adapter.d_out
+        self.grad_shape = (adapter.d_out, d_a)  # the (d_out, d_in + bias) gradient matrix it preconditions
         self.buffers: Dict[str, Optional[torch.Tensor]] = {
             "A": torch.zeros(d_a, d_a, dtype=dtype, device=device),
             "G": torch.zeros(adapter.d_out, adapter.d_out, dtype=dtype, device=device),
@@ -63,7 +67,7 @@ class KFACCurvature:
 
     def zero_synced_factors(self) -> None:
         """Zeros in place of the factors that ranks average: this rank's share when its batch
-        did not use the layer while another rank's did (see Preconditioner._update_curvature)."""
+        did not use the layer while another rank's did (see kfac_cuda.estimation)."""
         for t in self.synced_factors():
             t.zero_()
         self.factors_initialized = True
@@ -91,6 +95,12 @@ class KFACCurvature:
         return self.buffers["eG"], self.buffers["eA"]
 
     # --- preconditioning -------------------------------------------------------------------
+    def _rotate(self, V: torch.Tensor, backend: str, **scaling) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(U, <U, V>) with U = Q_G [(Q_G^T V Q_A) / denominator] Q_A^T in the current bases
+        (``scaling``: ``damping`` with ``scale`` or ``eig_g``/``eig_a``, as ``ops.precondition``)."""
+        return precondition(V, self.buffers["QG"], self.buffers["QA"], backend=backend,
+                            **powered(self.exponent, **scaling))
+
     def natural_damping(self) -> Optional[float]:
         """Mean eigenvalue of the layer's curvature block, for adaptive conv damping
         (None where the method has no such damping)."""
@@ -102,9 +112,8 @@ class KFACCurvature:
             mean_a, mean_g = b["eA"].mean().item(), b["eG"].mean().item()
             pi = math.sqrt(mean_a / mean_g) if mean_a > 0 and mean_g > 0 else 1.0
             root = math.sqrt(damping)
-            return precondition(V, b["QG"], b["QA"], damping=0.0, eig_g=b["eG"] + root / pi,
-                                eig_a=b["eA"] + pi * root, backend=backend)
-        return precondition(V, b["QG"], b["QA"], damping=damping, eig_g=b["eG"], eig_a=b["eA"], backend=backend)
+            return self._rotate(V, backend, damping=0.0, eig_g=b["eG"] + root / pi, eig_a=b["eA"] + pi * root)
+        return self._rotate(V, backend, damping=damping, eig_g=b["eG"], eig_a=b["eA"])
 
     # --- transactions ------------------------------------------------------------------------
     #: buffers that are only ever replaced (set_bases), never updated in place: a snapshot shares them
@@ -161,18 +170,22 @@ class ScaleMixin:
         the old basis: it is replaced by the Kronecker-structured scales of the new basis
         (``restart="kronecker"``: l_G l_A^T, the EMA factors' own estimate of the same
         quantity) before the EMA step, or dropped (``restart="batch"``: S <- S_batch)."""
-        b = self.buffers
         beta = self._restart_scales(decay, fresh, restart)
+        self._accumulate_scales(batch, beta, (1 - beta) / batch.n)
+
+    def _accumulate_scales(self, batch: LayerBatch, beta: float, alpha: float) -> None:
+        """S <- beta S + alpha sum_i (Q_G^T dW_i Q_A)^2 over the batch's examples."""
+        b = self.buffers
         for i, (g, a) in enumerate(batch.scale_rows()):  # one call per sequence length in the batch
             accumulate_scale(b["S"], g, a, b["QG"], b["QA"], bias=batch.bias, beta=beta if i == 0 else 1.0,
-                             alpha=(1 - beta) / batch.n, backend=batch.backend)
+                             alpha=alpha, backend=batch.backend)
 
     def _restart_scales(self, decay: float, fresh: bool, restart: str) -> float:
         """Allocate S if there is none and restart it after a basis refresh (see
         :meth:`update_scales`); return the EMA weight of S for this step's batch."""
         b = self.buffers
         if b["S"] is None:
-            b["S"] = torch.zeros(b["QG"].shape[0], b["QA"].shape[0], dtype=b["QA"].dtype, device=b["QA"].device)
+            b["S"] = torch.zeros(b["eG"].shape[0], b["eA"].shape[0], dtype=b["eA"].dtype, device=b["eA"].device)
             fresh = True
         if fresh and restart == "kronecker":
             torch.outer(*self.kronecker_eigenvalues(), out=b["S"])
@@ -191,8 +204,7 @@ class ScaleMixin:
         return self.buffers["S"].mean().item()
 
     def precondition(self, V: torch.Tensor, damping: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-        b = self.buffers
-        return precondition(V, b["QG"], b["QA"], damping=damping, scale=b["S"], backend=backend)
+        return self._rotate(V, backend, damping=damping, scale=self.buffers["S"])
 
 
 class EKFACCurvature(ScaleMixin, KFACCurvature):
@@ -241,8 +253,8 @@ class TKFACCurvature(KFACCurvature):
     def precondition(self, V: torch.Tensor, damping: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
         b = self.buffers
         root_delta, root_damp = b["delta_ref"].sqrt(), math.sqrt(damping)
-        return precondition(V, b["QG"], b["QA"], damping=0.0, eig_g=root_delta * b["eG"] + root_damp,
-                            eig_a=root_delta * b["eA"] + root_damp, backend=backend)
+        return self._rotate(V, backend, damping=0.0, eig_g=root_delta * b["eG"] + root_damp,
+                            eig_a=root_delta * b["eA"] + root_damp)
 
 
 class TEKFACCurvature(ScaleMixin, TKFACCurvature):

@@ -264,3 +264,11 @@ class DistributedComm(LocalComm):
             for j in idx:
                 out[j], views = views[: len(shapes[j])], views[len(shapes[j]):]
         return out
+
+
+def default_comm() -> LocalComm:
+    """``DistributedComm()`` when torch.distributed is initialised with more than one rank (a
+    model trained on several ranks must not keep each rank's own curvature), else ``LocalComm()``."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return DistributedComm()
+    return LocalComm()

@@ -16,8 +16,11 @@ import torch
 import torch.nn as nn
 from torch.optim import Optimizer
 
+from .adaptive_step import check_supported, martens_grosse_step
 from .options import sgd_hyperparameters
 from .preconditioner import Preconditioner
+from .registration import unwrap
+from .quadratic_model import QuadraticModel
 
 
 class _KroneckerOptimizer(Optimizer):
@@ -31,13 +34,17 @@ class _KroneckerOptimizer(Optimizer):
         weight_decay: float = 0.0,
         *,
         kl_clip: Optional[float] = 1e-3,
+        quadratic_model: Optional[QuadraticModel] = None,
         params=None,
         **options: Any,
     ):
         """Args:
             model: the model to train; its Linear/Conv2d layers are preconditioned.
             lr, momentum, weight_decay: the SGD update applied to the preconditioned gradient.
-            kl_clip: KL-clipping radius (None disables).
+            kl_clip: KL-clipping radius (None disables; must be None with ``quadratic_model``).
+            quadratic_model: a :class:`kfac_cuda.QuadraticModel` to take Martens & Grosse's step
+                (learning rate, momentum and Levenberg-Marquardt damping from the exact quadratic
+                model; needs ``step(closure)``; see kfac_cuda/adaptive_step.py), or None.
             params: parameters or param groups (default: ``model.parameters()``); layers whose
                 weight is in none of them are not preconditioned (listed by ``summary()``).
             **options: passed to :class:`kfac_cuda.Preconditioner` (damping, factor_decay,
@@ -50,8 +57,12 @@ class _KroneckerOptimizer(Optimizer):
                             "a subset of the parameters pass params=[...] or param groups as well")
         super().__init__(model.parameters() if params is None else params,
                          sgd_hyperparameters(lr, momentum, weight_decay))
+        if quadratic_model is not None:
+            check_supported(quadratic_model, kl_clip, options)
         optimised = [p for group in self.param_groups for p in group["params"]]
         self.preconditioner = Preconditioner(model, self.method, kl_clip=kl_clip, parameters=optimised, **options)
+        self.quadratic_model = quadratic_model
+        self._model = unwrap(model)
 
     def _lr_of(self, param: nn.Parameter) -> float:
         for group in self.param_groups:
@@ -69,7 +80,10 @@ class _KroneckerOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
         """Precondition, then take the momentum-SGD step. A step whose gradients or captured
-        activations are not finite changes nothing (parameters, momentum, curvature)."""
+        activations are not finite changes nothing (parameters, momentum, curvature).
+        With ``quadratic_model`` the closure is required and the step is Martens & Grosse's."""
+        if self.quadratic_model is not None:
+            return martens_grosse_step(self, self._model, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():

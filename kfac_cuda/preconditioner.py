@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from .batch import SHARING, LayerBatch
@@ -33,38 +33,20 @@ from .capture import CaptureHooks
 from .checkpoint import check_curvature_state, curvature_state
 from .comm import LocalComm, OutputSpec
 from .curvature import CURVATURES, ScaleMixin
-from .distributed import DistributedComm
+from .distributed import default_comm
+from .blocks import WIDE_SIDE
+from .exponent import check_exponent
 from .layers import Conv2dAdapter
 from . import options
 from .ops._dispatch import check_backend
-from .registration import Layers, parameter_report, register_layers, summary
+from .estimation import update_curvature
+from .registration import Layers, parameter_report, register_layers, summary, unwrap
 from .schedule import Due, Schedule
+from . import step_guard
 
 METHODS = tuple(CURVATURES)
-MAX_EIGH_FAILURES = 3
 LrArg = options.LrArg
 LOSS_TERMS = ("examples", "tokens")
-
-
-def default_comm() -> LocalComm:
-    """``DistributedComm()`` when torch.distributed is initialised with more than one rank (a
-    model trained on several ranks must not keep each rank's own curvature), else ``LocalComm()``."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return DistributedComm()
-    return LocalComm()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel / torch.compile wrappers (in any nesting), so that
-    layer names, and checkpoints, do not depend on the wrapper."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
-            model = model._orig_mod
-        else:
-            return model
-
 
 
 class Preconditioner:
@@ -102,12 +84,18 @@ class Preconditioner:
             (batch-first, default) or 1 (sequence-first, e.g. ``batch_first=False`` models).
         backend: "auto" | "torch" | "cuda" for the hot ops.
         skip_modules: module names, types or instances left alone, with everything inside them.
-        max_factor_dim: layers whose factor side exceeds this are skipped (listed).
+        max_factor_dim, wide_side: a factor side wider than ``max_factor_dim`` is kept "diagonal"
+            (default), replaced by a scaled "identity", or the layer is left out ("skip", listed);
+            see kfac_cuda/blocks/wide.py. ``summary()`` gives each layer's curvature memory and
+            eigendecomposition work.
         grad_scaler: the ``torch.amp.GradScaler`` scaling the loss, if any: captured output
             gradients are divided by its scale (call ``scaler.unscale_(optimizer)`` before
             ``step()`` for the parameter gradients, as for gradient clipping).
         check_finite: skip steps whose gradients or activations are not finite. The check
             reads a flag back to the host; pass False to capture a step in a CUDA graph.
+        exponent: the step is (F^ + damping I)^(-exponent) V, 0 < exponent <= 1: 1 (default) is the
+            natural gradient of the damped block, 0.5 the inverse square root of Shampoo/SOAP
+            (kfac_cuda/exponent.py).
         comm: what the step asks of the process group: ``kfac_cuda.DistributedComm(...)`` (see
             kfac_cuda.distributed) or ``kfac_cuda.LocalComm()`` (this process alone). Default:
             ``DistributedComm()`` when torch.distributed is initialised with more than one rank
@@ -140,10 +128,12 @@ class Preconditioner:
         backend: str = "auto",
         skip_modules: Iterable = (),
         max_factor_dim: int = 8192,
+        wide_side: str = "diagonal",
         grad_scaler=None,
         check_finite: bool = True,
         comm: Optional[LocalComm] = None,
         parameters: Optional[Iterable[nn.Parameter]] = None,
+        exponent: float = 1.0,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"kfac_cuda: the first argument must be the model (an nn.Module), got "
@@ -157,6 +147,8 @@ class Preconditioner:
         self.weight_sharing = options.choice("weight_sharing", weight_sharing, SHARING)
         self.loss_reduction = options.choice("loss_reduction", loss_reduction, ("mean", "sum"))
         self.loss_terms = options.choice("loss_terms", loss_terms, LOSS_TERMS)
+        self.exponent = check_exponent(exponent)
+        self.wide_side = options.choice("wide_side", wide_side, WIDE_SIDE)
         if batch_dim not in (0, 1) or isinstance(batch_dim, bool):
             raise ValueError(f"batch_dim must be 0 (batch-first) or 1 (sequence-first), got {batch_dim!r}")
         self.batch_dim = int(batch_dim)
@@ -180,6 +172,7 @@ class Preconditioner:
         model = unwrap(model)  # layer names (and checkpoints) independent of DDP / torch.compile
         self.model_params: Dict[str, nn.Parameter] = dict(model.named_parameters())  # finiteness check
         self.steps = 0
+        self._paused = False
         self.schedule = Schedule(self.factor_update_steps, self.inv_update_steps, self.scale_update_steps,
                                  issubclass(CURVATURES[self.method], ScaleMixin))
         self.layers: Layers
@@ -187,17 +180,23 @@ class Preconditioner:
         optimised = None if parameters is None else {id(p) for p in parameters}
         self.layers, self.unsupported = register_layers(
             model, CURVATURES[self.method], skip_modules=skip_modules, max_factor_dim=max_factor_dim,
-            damping_style=self.damping_style, batch_dim=self.batch_dim, per_token=self.loss_terms == "tokens",
+            wide_side=self.wide_side, damping_style=self.damping_style, batch_dim=self.batch_dim, per_token=self.loss_terms == "tokens",
             parameters=optimised)
         self._parameter_report = parameter_report(model, self.layers, self.unsupported, optimised)
         me = weakref.ref(self)  # the hooks must not keep the Preconditioner alive
         self.hooks = CaptureHooks(model, {n: a for n, (a, _) in self.layers.items()},
                                   lambda: me() is not None and me().capturing, self.fisher, self.loss_reduction,
                                   per_token=self.loss_terms == "tokens")
+        for _, curvature in self.layers.values():
+            curvature.exponent = self.exponent
+        for adapter, _ in self.layers.values():  # attention layers reroute their forward on capturing steps
+            getattr(adapter, "bind", lambda active: None)(lambda: me() is not None and me().capturing)
 
     def remove(self) -> None:
-        """Remove the module hooks."""
+        """Remove the module hooks (and the attention layers' capture hooks)."""
         self.hooks.remove()
+        for adapter, _ in self.layers.values():
+            getattr(adapter, "remove", lambda: None)()
 
     def summary(self) -> str:
         """A table of the preconditioned layers, of those left to the plain optimizer (why), and
@@ -211,7 +210,16 @@ class Preconditioner:
     @property
     def capturing(self) -> bool:
         """Whether the hooks capture on the current step."""
-        return self._due().capture
+        return not self._paused and self._due().capture
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Capture nothing inside the block (the quadratic model's extra passes over the batch)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def sample_fisher(self, outputs: torch.Tensor, loss: str = "cross_entropy") -> None:
         """MC ("true") Fisher: sample targets from the model's predictive distribution and
@@ -231,7 +239,7 @@ class Preconditioner:
     def _batches(self, names: Sequence[str]) -> Dict[str, LayerBatch]:
         scaler = self.grad_scaler
         return self.hooks.batches(names, sharing=self.weight_sharing, backend=self.backend,
-                                  dtypes={n: c.buffers["A"].dtype for n, (_, c) in self.layers.items()},
+                                  dtypes={n: c.dtype for n, (_, c) in self.layers.items()},
                                   grad_scale=scaler.get_scale() if scaler is not None and scaler.is_enabled()
                                   else None)
 
@@ -250,35 +258,6 @@ class Preconditioner:
         dense = max(conv.values(), default=self.damping)
         return {n: conv.get(n, dense) for n in names}
 
-    def _refresh_bases(self, names: Sequence[str]) -> List[str]:
-        """Recompute the eigenbases of ``names``. A layer whose decomposition fails keeps its
-        previous basis (warned); returns the layers that failed and have no basis at all."""
-        mats, labels, costs = [], [], []
-        for n in names:
-            for side, m in zip(("input", "output"), self.layers[n][1].basis_sources()):
-                mats.append(m)
-                labels.append(f"{n or '<model>'} {side} factor")
-                costs.append(float(m.shape[0]) ** 3)
-        eigs = self.comm.eigh_many(mats, labels, costs)
-        without_basis = []
-        for i, n in enumerate(names):
-            curvature = self.layers[n][1]
-            inp, out = eigs[2 * i], eigs[2 * i + 1]
-            if inp is None or out is None:
-                curvature.eigh_failures += 1
-                if curvature.eigh_failures >= MAX_EIGH_FAILURES:
-                    raise RuntimeError(f"kfac_cuda: eigendecomposition of layer {n!r} failed "
-                                       f"{curvature.eigh_failures} times in a row")
-                if curvature.has_basis:
-                    warnings.warn(f"kfac_cuda: eigendecomposition of layer {n!r} failed; keeping its previous "
-                                  "basis", RuntimeWarning)
-                else:
-                    without_basis.append(n)
-                continue
-            curvature.eigh_failures = 0
-            curvature.set_bases(inp, out)
-        return without_basis
-
     @torch.no_grad()
     def step(self, lr: LrArg = None, *, params: Optional[Iterable[torch.Tensor]] = None) -> bool:
         """Update the curvature as scheduled and replace each layer's ``.grad`` by its
@@ -293,7 +272,8 @@ class Preconditioner:
           is no basis to precondition with; retried on the next step, an error after
           ``MAX_EIGH_FAILURES`` consecutive failures).
 
-        The finiteness checks are skipped with ``check_finite=False``.
+        The finiteness checks are skipped with ``check_finite=False``. (With a DistributedComm
+        that averages gradients, ``.grad`` holds the average over ranks even after a refusal.)
 
         Args:
             lr: learning rate(s) for KL-clipping (default: the constructor's ``lr``).
@@ -301,39 +281,44 @@ class Preconditioner:
                 optimizers pass theirs).
         """
         self.hooks.check_attached()
-        self._check_shapes([n for n, (a, _) in self.layers.items() if a.module.weight.grad is not None])
+        step_guard.check_shapes(self.layers, [n for n, (a, _) in self.layers.items() if a.module.weight.grad is not None])
         self.comm.average_gradients()  # may give a layer unused here the gradient of other ranks
         names = [n for n, (a, _) in self.layers.items() if a.module.weight.grad is not None]
         lrs = ({n: self._lr_of(self.layers[n][0].module.weight, lr) for n in names}
                if self.kl_clip is not None else {})
-        factors_due, bases_due, scales_due = self._due()
+        due = self._due()
         try:
-            batches = self._batches(names) if (factors_due or scales_due) else {}
+            batches = self._batches(names) if due.capture else {}
             grads = {n: self.layers[n][0].grad_matrix() for n in names}
             if self.check_finite:
-                bad = self._nonfinite_inputs(grads, batches, params)
+                bad = step_guard.nonfinite_inputs(grads, batches, list(self.model_params.items()) +
+                                                  [(f"param #{i}", p) for i, p in enumerate(params or ())])
                 if not self.comm.all_true(not bad):
                     warnings.warn(f"kfac_cuda: non-finite gradient or activation at step {self.steps}"
                                   f"{' (' + ', '.join(bad) + ')' if bad else ' on another rank'}; "
                                   "step skipped, curvature left untouched", RuntimeWarning)
                     return False
-            snapshots = {n: self.layers[n][1].snapshot() for n in names}
+            touched = (any(due)
+                       or any(not self.layers[n][1].has_basis for n in names))  # else the curvature is read only
+            snapshots = step_guard.snapshot(self.layers, names if touched else [])
             try:
-                without_basis = self._update_curvature(names, batches, factors_due, bases_due, scales_due)
+                without_basis = update_curvature(self.layers, names, batches, due, self.comm,
+                                                 factor_decay=self.factor_decay, scale_decay=self.scale_decay,
+                                                 scale_restart=self.scale_restart)
             except BaseException:
-                self._restore(snapshots)
+                step_guard.restore(self.layers, snapshots)
                 raise
             if without_basis:
-                self._restore(snapshots)
+                step_guard.restore(self.layers, snapshots)
                 warnings.warn(f"kfac_cuda: the first eigendecomposition of layer(s) {without_basis} failed, so "
                               f"there is no basis to precondition with: step {self.steps} skipped, curvature "
                               "and gradients left untouched (retried on the next step)", RuntimeWarning)
                 return False
             results = self._precondition(names, grads)
             if self.check_finite:
-                bad = self._nonfinite_curvature(names, results)
+                bad = step_guard.nonfinite_curvature(self.layers, list(snapshots), results)
                 if not self.comm.all_true(not bad):
-                    self._restore(snapshots)
+                    step_guard.restore(self.layers, snapshots)
                     warnings.warn(f"kfac_cuda: the curvature or preconditioned gradient of layer(s) "
                                   f"{bad or 'on another rank'} would become non-finite at step {self.steps} "
                                   "(e.g. activations too large for the factors' dtype): step skipped, "
@@ -345,96 +330,13 @@ class Preconditioner:
         finally:
             self.hooks.clear()
 
-    def _check_shapes(self, names: Sequence[str]) -> None:
-        """Refuse layers whose parameters were replaced by ones of another shape."""
-        for n in names:
-            adapter, curvature = self.layers[n]
-            want = (curvature.buffers["G"].shape[0], curvature.buffers["A"].shape[0])
-            got = (adapter.d_out, adapter.d_in + int(adapter.has_bias))
-            bias = getattr(adapter.module, "bias", None)
-            if got != want or (adapter.has_bias and (bias is None or bias.shape != (adapter.d_out,))):
-                raise ValueError(f"kfac_cuda: layer {n!r} changed shape since the Preconditioner was built "
-                                 f"(weight {tuple(adapter.module.weight.shape)}, gradient matrix {got}, "
-                                 f"curvature for {want}): build a new optimizer for the new model")
-
-    def _restore(self, snapshots: Dict[str, dict]) -> None:
-        for n, snap in snapshots.items():
-            self.layers[n][1].restore(snap)
-
-    def _nonfinite_inputs(self, grads: Dict[str, torch.Tensor], batches: Dict[str, LayerBatch],
-                          params: Optional[Iterable[torch.Tensor]]) -> List[str]:
-        """Names of the non-finite gradients and captured activations (one host sync)."""
-        items: Dict[str, List[torch.Tensor]] = {f"gradient of {n!r}": [g] for n, g in grads.items()}
-        for n, b in batches.items():
-            items[f"activations or output gradients of {n!r}"] = b.tensors()
-        seen = set()
-        for name, p in list(self.model_params.items()) + [(f"param #{i}", p) for i, p in enumerate(params or ())]:
-            if p.grad is not None and id(p) not in seen:
-                seen.add(id(p))
-                items[f"gradient of {name!r}"] = [p.grad]
-        return self._nonfinite({k: torch.stack([torch.isfinite(t).all() for t in ts]).all()
-                                for k, ts in items.items() if ts})
-
-    def _nonfinite_curvature(self, names: Sequence[str], results) -> List[str]:
-        items = {n: self.layers[n][1].finite() for n in names}
-        for n, (U, dot) in results.items():
-            items[n] = items[n] & torch.isfinite(U).all() & torch.isfinite(dot).all()
-        return self._nonfinite(items)
-
-    @staticmethod
-    def _nonfinite(flags: Dict[str, torch.Tensor]) -> List[str]:
-        """The names whose flag is False (one host sync)."""
-        if not flags:
-            return []
-        ok = torch.stack(list(flags.values())).tolist()
-        return [name for name, good in zip(flags, ok) if not good]
-
-    def _update_curvature(self, names, batches, factors_due, bases_due, scales_due) -> List[str]:
-        """Update factors, bases and scales as due; returns the layers left without a basis.
-
-        Across ranks, a layer's factors and scales are averaged over the ranks whose batch used
-        it: the estimate those ranks' batches give together. A rank whose batch did not use
-        the layer contributes zeros to the sum, which is then divided by the number of ranks
-        that used it, so every collective has the same shape on every rank."""
-        curvatures = [self.layers[n][1] for n in names]
-        used = self.comm.count_true([n in batches for n in names]) if (factors_due or scales_due) else []
-        if factors_due:
-            for n, c, count in zip(names, curvatures, used):
-                if n in batches:
-                    c.update_factors(batches[n], self.factor_decay)
-                elif count:
-                    c.zero_synced_factors()
-            self._average_where_used(curvatures, used, lambda c: c.synced_factors())
-        without_basis: List[str] = []
-        if bases_due or any(not c.has_basis for c in curvatures):
-            without_basis = self._refresh_bases([n for n, c in zip(names, curvatures)
-                                                 if c.factors_initialized and (bases_due or not c.has_basis)])
-        if scales_due and not without_basis:
-            for n, c, count in zip(names, curvatures, used):
-                if c.has_basis and n in batches:
-                    c.update_scales(batches[n], self.scale_decay, fresh=bases_due, restart=self.scale_restart)
-                elif c.has_basis and count:
-                    c.zero_synced_scales()
-            self._average_where_used(curvatures, [count if c.has_basis else 0 for c, count in zip(curvatures, used)],
-                                     lambda c: c.synced_scales())
-        return without_basis
-
-    def _average_where_used(self, curvatures, used: List[int], tensors_of) -> None:
-        """Average ``tensors_of(c)`` of every layer used on ``used[i]`` > 0 ranks over those ranks."""
-        world = self.comm.world_size
-        self.comm.average_([t for c, count in zip(curvatures, used) if count for t in tensors_of(c)])
-        for c, count in zip(curvatures, used):
-            if 0 < count < world:  # the average counted the ranks that did not use the layer
-                for t in tensors_of(c):
-                    t.mul_(world / count)
-
     def _precondition(self, names, grads) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
         """(U, <U, V>) of every layer that has a basis."""
         ready = [n for n in names if self.layers[n][1].has_basis]
         damping = self._dampings(ready)
         jobs = [(lambda n=n: self.layers[n][1].precondition(grads[n], damping[n], self.backend)) for n in ready]
         costs = [float(grads[n].numel() * sum(grads[n].shape)) for n in ready]  # GEMM multiply-adds / 2
-        specs = [OutputSpec(grads[n].shape, self.layers[n][1].buffers["QA"].dtype, grads[n].device) for n in ready]
+        specs = [OutputSpec(grads[n].shape, self.layers[n][1].dtype, grads[n].device) for n in ready]
         return dict(zip(ready, self.comm.precondition_all(jobs, costs, specs)))
 
     def _write_back(self, results: Dict[str, Tuple[torch.Tensor, torch.Tensor]], lrs: Dict[str, float]) -> None:

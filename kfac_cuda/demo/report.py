@@ -58,7 +58,7 @@ def plot_curves(results: Sequence[RunResult], path: Path, target_loss: Dict[str,
             row[1].plot(r.seconds, r.train_loss, label=r.method)
         for ax, xlabel in zip(row, ("steps", "training wall-clock (s)")):
             ax.axhline(target_loss[task], color="grey", linestyle=":", linewidth=1)
-            ax.set(xlabel=xlabel, ylabel="full training loss", title=f"digits {task}", yscale="log")
+            ax.set(xlabel=xlabel, ylabel="full training loss", title=task, yscale="log")
             ax.grid(True, which="both", alpha=0.3)
         row[0].legend()
     fig.tight_layout()

@@ -13,6 +13,12 @@ test). Two tasks:
 ``classifier``
     A small CNN: conv 3×3 (1→16) – ReLU – conv 3×3 stride 2 (16→32) – ReLU – linear
     (32·4·4 → 10). Loss: cross-entropy; test metric: accuracy.
+``curves``
+    The CURVES deep autoencoder of Hinton & Salakhutdinov (2006) and Martens & Grosse (2015),
+    scaled to run on a CPU in minutes: generated curve images (:func:`make_curves`, 16×16
+    instead of 28×28) and a 256-200-100-50-25-6 encoder with its mirror decoder (the paper's
+    784-400-200-100-50-25-6 with the first width halved), tanh hidden units, linear 6-unit
+    code, Bernoulli loss as for ``autoencoder``.
 
 A :class:`Task` bundles everything the training loop and the benchmarks need, so new
 tasks (e.g. the GPU-scale ones in ``bench/e2e.py``) plug in by building one.
@@ -26,7 +32,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-TASKS = ("autoencoder", "classifier")
+TASKS = ("autoencoder", "classifier", "curves")
 
 Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -115,6 +121,27 @@ def make_autoencoder(widths: tuple[int, ...] = (64, 128, 64, 32, 16, 32, 64, 128
     return nn.Sequential(*layers)
 
 
+CURVES_WIDTHS = (256, 200, 100, 50, 25, 6, 25, 50, 100, 200, 256)
+
+
+def make_curves(n: int, size: int = 16, seed: int = 0, points: int = 64, width: float = 0.6) -> torch.Tensor:
+    """CURVES-like images in [0, 1], (n, 1, size, size), deterministic in ``seed``: each is a
+    quadratic Bézier curve through three control points drawn uniformly in the image, rendered
+    as the maximum over ``points`` samples along it of a Gaussian stroke of std ``width`` pixels
+    (Hinton & Salakhutdinov's CURVES draws a curve from three random points on 28×28 images)."""
+    g = torch.Generator().manual_seed(seed)
+    control = (torch.rand(n, 3, 2, generator=g, dtype=torch.float64) * (size - 1)).float()
+    t = torch.linspace(0, 1, points).view(1, points, 1)
+    curve = ((1 - t) ** 2 * control[:, :1] + 2 * t * (1 - t) * control[:, 1:2] + t ** 2 * control[:, 2:])
+    axis = torch.arange(size, dtype=torch.float32)
+    # the Gaussian stroke separates into rows and columns: exp(-(dy^2 + dx^2)/2w^2) = ey * ex
+    ey = torch.exp(-(axis.view(1, size, 1) - curve[:, :, 0].unsqueeze(1)).square() / (2 * width ** 2))
+    ex = torch.exp(-(axis.view(1, size, 1) - curve[:, :, 1].unsqueeze(1)).square() / (2 * width ** 2))
+    images = torch.cat([(y.unsqueeze(2) * x.unsqueeze(1)).amax(-1)  # (chunk, size, size): max over points
+                        for y, x in zip(ey.split(500), ex.split(500))])
+    return images.view(n, 1, size, size)
+
+
 def make_cnn(num_classes: int = 10) -> nn.Sequential:
     """Two 3×3 conv layers and a linear head for 1×8×8 inputs."""
     return nn.Sequential(
@@ -137,7 +164,12 @@ def classification_loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) 
 
 
 def build_task(name: str, seed: int, device: torch.device) -> Task:
-    """Build the named digits task (one of :data:`TASKS`) on ``device``."""
+    """Build the named task (one of :data:`TASKS`) on ``device``."""
+    if name == "curves":  # the data set is fixed (seed 0); ``seed`` moves the init and batches only
+        x = make_curves(6000).to(device)
+        y = torch.zeros(len(x), dtype=torch.long, device=device)
+        return Task(name, x[:5000], y[:5000], x[5000:], y[5000:], lambda: make_autoencoder(CURVES_WIDTHS),
+                    reconstruction_loss, "bernoulli", test_metric="test loss", target_loss=30.0, target_test=30.0)
     x_train, y_train, x_test, y_test = load_digits_split(seed, device)
     if name == "autoencoder":
         return Task(name, x_train, y_train, x_test, y_test, make_autoencoder, reconstruction_loss,

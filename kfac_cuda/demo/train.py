@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -81,23 +81,28 @@ def _synchronize(device: torch.device) -> None:
 
 
 def train(task: Task, make_optimizer: MakeOptimizer, *, method: str, lr: float, steps: int,
-          batch_size: int, seed: int, eval_every: int = 10, progress: bool = True) -> RunResult:
+          batch_size: Union[int, Callable[[int], int]], seed: int, eval_every: int = 10,
+          progress: bool = True, stop_below: Optional[float] = None) -> RunResult:
     """Train a fresh model of ``task`` for ``steps`` minibatch steps and record its curves.
 
     The model's initial weights and the batch order depend only on ``seed``, so every
     method starts from the same point and sees the same batches. A run whose training
     loss becomes non-finite stops early with ``diverged=True``. Optimizers of this package
     built with ``fisher="mc"`` get :meth:`~kfac_cuda.KFAC.sample_fisher` called with the
-    task's predictive distribution before every backward pass.
+    task's predictive distribution before every backward pass. Optimizers built with
+    ``quadratic_model`` (Martens & Grosse's step) are stepped with a closure. ``batch_size``
+    is a number or a function of the step (1, 2, ...), e.g. :class:`kfac_cuda.ExponentialBatchSize`.
+    With ``stop_below`` the run ends at the first evaluation whose training loss is <= it.
     """
     device = task.x_train.device
     torch.manual_seed(seed)
     model = task.make_model().to(device)
     optimizer = make_optimizer(model)
     mc_fisher = getattr(getattr(optimizer, "preconditioner", None), "fisher", None) == "mc"
+    uses_closure = getattr(optimizer, "quadratic_model", None) is not None
     batches = torch.Generator(device="cpu").manual_seed(seed)
     n = len(task.x_train)
-    batch_size = min(batch_size, n)
+    size_at = batch_size if callable(batch_size) else (lambda step: batch_size)
     result = RunResult(task.name, method, lr, seed, task.test_metric)
 
     def record(step: int, elapsed: float) -> bool:
@@ -114,17 +119,27 @@ def train(task: Task, make_optimizer: MakeOptimizer, *, method: str, lr: float, 
                dynamic_ncols=True)
     start = time.perf_counter()
     for step in range(1, steps + 1):
-        if cursor + batch_size > n:
+        size = min(size_at(step), n)
+        if cursor + size > n:
             order, cursor = torch.randperm(n, generator=batches).to(device), 0
-        idx = order[cursor:cursor + batch_size]
-        cursor += batch_size
+        idx = order[cursor:cursor + size]
+        cursor += size
         x, y = task.x_train[idx], task.y_train[idx]
-        optimizer.zero_grad(set_to_none=True)
-        outputs = model(x)
-        if mc_fisher:
-            optimizer.sample_fisher(outputs, task.fisher_loss)
-        task.criterion(outputs, x, y).backward()
-        optimizer.step()
+
+        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            outputs = model(x)
+            if mc_fisher:
+                optimizer.sample_fisher(outputs, task.fisher_loss)
+            loss = task.criterion(outputs, x, y)
+            loss.backward()
+            return loss
+
+        if uses_closure:
+            optimizer.step(closure)
+        else:
+            closure()
+            optimizer.step()
         bar.update()
         if step % eval_every == 0 or step == steps:
             _synchronize(device)
@@ -133,6 +148,8 @@ def train(task: Task, make_optimizer: MakeOptimizer, *, method: str, lr: float, 
             bar.set_postfix(loss=f"{result.train_loss[-1]:.4g}", refresh=False)
             if not finite:
                 result.diverged = True
+                break
+            if stop_below is not None and result.train_loss[-1] <= stop_below:
                 break
             start = time.perf_counter()
     bar.close()

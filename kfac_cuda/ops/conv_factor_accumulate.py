@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .._extension import extension
+from ._checks import check_factor_args
 from ._dispatch import select
 from ._launch import KERNEL_INPUT_DTYPES, MAX_KERNEL_DIM, choose_splits, stream_handle
 from .factor_accumulate import accumulate_factor_reference
@@ -48,6 +49,7 @@ def accumulate_conv_factor_reference(
     beta: float = 0.0,
     alpha: float = 1.0,
 ) -> torch.Tensor:
+    _check_args(A, x, weights, beta, alpha)
     patches = conv_patches(x, kernel_size, stride, padding, dilation)
     rows = patches.reshape(-1, patches.shape[-1])
     w = None if weights is None else weights.reshape(-1)
@@ -88,6 +90,7 @@ def accumulate_conv_factor_cuda(
     cast to float32. The only allocation is a split-K workspace when the factor alone has
     too few 64 x 64 tiles to fill the GPU (at most 256 MiB).
     """
+    _check_args(A, x, weights, beta, alpha)
     ext = extension()
     kernel_size, stride, padding, dilation = (_pair(v) for v in (kernel_size, stride, padding, dilation))
     x = x.detach().contiguous()  # DLPack refuses tensors that require grad
@@ -101,6 +104,11 @@ def accumulate_conv_factor_cuda(
     ext.conv_factor_accumulate(A.detach(), x, weights, kernel_size, stride, padding, dilation, bool(bias), workspace,
                                splits, float(beta), float(alpha), stream_handle(A.device))
     return A
+
+
+def _check_args(A, x, weights, beta, alpha) -> None:
+    """The argument check both implementations run (kfac_cuda.ops._checks)."""
+    check_factor_args("accumulate_conv_factor", A, "x", x, 4, weights, 2, beta, alpha)
 
 
 def _cuda_supports(A, x, weights, geometry) -> bool:
@@ -138,6 +146,7 @@ def accumulate_conv_factor(
         kernel_size, stride, padding, dilation: the Conv2d's geometry (pairs).
         weights: optional (n, positions) per-row weights.
     """
+    _check_args(A, x, weights, beta, alpha)
     impl = select("accumulate_conv_factor", backend, A, accumulate_conv_factor_reference,
                   accumulate_conv_factor_cuda,
                   lambda: _cuda_supports(A, x, weights, (kernel_size, stride, padding, dilation)))

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .._extension import extension
+from ._checks import check_factor_args
 from ._dispatch import select
 from ._launch import KERNEL_INPUT_DTYPES, choose_splits, stream_handle
 
@@ -30,6 +31,7 @@ def accumulate_factor_reference(
     alpha: float = 1.0,
 ) -> torch.Tensor:
     """Pure-PyTorch definition; updates ``A`` in place and returns it."""
+    _check_args(A, a, weights, beta, alpha)
     rows = a.to(A.dtype)
     if bias:
         rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
@@ -53,6 +55,7 @@ def accumulate_factor_cuda(
     The only allocation is a split-K workspace when the factor's tiles alone cannot fill the
     GPU; the split reduction is deterministic (no atomics).
     """
+    _check_args(A, a, weights, beta, alpha)
     ext = extension()
     D = A.shape[0]
     splits = choose_splits(A.device, ext.factor_accumulate_tiles(D), a.shape[0], _MIN_ROWS_PER_SPLIT, D * D)
@@ -61,6 +64,11 @@ def accumulate_factor_cuda(
     ext.factor_accumulate(A, a, weights, bool(bias), workspace, splits, float(beta), float(alpha),
                           stream_handle(A.device))
     return A
+
+
+def _check_args(A, a, weights, beta, alpha) -> None:
+    """The argument check both implementations run (kfac_cuda.ops._checks)."""
+    check_factor_args("accumulate_factor", A, "a", a, 2, weights, 1, beta, alpha)
 
 
 def _cuda_supports(A: torch.Tensor, a: torch.Tensor, weights: Optional[torch.Tensor]) -> bool:
@@ -94,6 +102,7 @@ def accumulate_factor(
         beta, alpha: EMA weights.
         backend: "auto" | "torch" | "cuda".
     """
+    _check_args(A, a, weights, beta, alpha)
     impl = select(
         "accumulate_factor", backend, A, accumulate_factor_reference, accumulate_factor_cuda,
         lambda: _cuda_supports(A, a, weights),

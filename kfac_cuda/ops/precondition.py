@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._extension import extension
+from ._checks import INPUT_DTYPES, STATE_DTYPES, check_scalar, check_tensor
 from ._dispatch import select
 from ._launch import MAX_KERNEL_DIM, stream_handle
 
@@ -28,6 +29,7 @@ def precondition_reference(
     eig_g: Optional[torch.Tensor] = None,
     eig_a: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    _check_args(grad, QG, QA, damping, scale, eig_g, eig_a)
     V = grad.to(QG.dtype)
     S = scale if scale is not None else torch.outer(eig_g, eig_a)
     U = QG @ ((QG.t() @ V @ QA) / (S + damping)) @ QA.t()
@@ -52,6 +54,7 @@ def precondition_cuda(
     straight from a batched ``torch.linalg.eigh``, which are column-major) are copied to
     contiguous ones first, so store the bases contiguous to avoid that copy per step.
     """
+    _check_args(grad, QG, QA, damping, scale, eig_g, eig_a)
     d_out, d_in = grad.shape
     # detach: DLPack refuses tensors that require grad; contiguous: the kernel reads row-major
     grad, QG, QA = (t.detach().contiguous() for t in (grad, QG, QA))
@@ -63,6 +66,19 @@ def precondition_cuda(
     ext.precondition(grad, QG, QA, scale, eig_g, eig_a, float(damping), out, dot, workspace,
                      stream_handle(QG.device))
     return out, dot
+
+
+def _check_args(grad, QG, QA, damping, scale, eig_g, eig_a) -> None:
+    """The argument check both implementations run (kfac_cuda.ops._checks)."""
+    check_tensor("precondition", "grad", grad, INPUT_DTYPES, ndims=(2,))
+    for name, t in (("QG", QG), ("QA", QA)):
+        check_tensor("precondition", name, t, STATE_DTYPES, ndims=(2,))
+    check_tensor("precondition", "scale", scale, STATE_DTYPES, ndims=(2,), optional=True)
+    for name, t in (("eig_g", eig_g), ("eig_a", eig_a)):
+        check_tensor("precondition", name, t, STATE_DTYPES, ndims=(1,), optional=True)
+    if (scale is None) == (eig_g is None or eig_a is None):
+        raise ValueError("precondition: pass either scale, or both eig_g and eig_a")
+    check_scalar("precondition", "damping", damping)
 
 
 def _cuda_supports(grad, QG, QA, scale, eig_g, eig_a) -> bool:
@@ -93,8 +109,7 @@ def precondition(
     U has the dtype of the bases (float32, or float64 on the reference path); ``grad``
     may be fp32 or bf16.
     """
-    if (scale is None) == (eig_g is None or eig_a is None):
-        raise ValueError("precondition: pass either scale, or both eig_g and eig_a")
+    _check_args(grad, QG, QA, damping, scale, eig_g, eig_a)
     impl = select("precondition", backend, QG, precondition_reference, precondition_cuda,
                   lambda: _cuda_supports(grad, QG, QA, scale, eig_g, eig_a))
     return impl(grad, QG, QA, damping=damping, scale=scale, eig_g=eig_g, eig_a=eig_a)

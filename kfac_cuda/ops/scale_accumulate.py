@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .._extension import extension
+from ._checks import INPUT_DTYPES, STATE_DTYPES, check_scalar, check_tensor
 from ._dispatch import select
 from ._launch import KERNEL_INPUT_DTYPES, MAX_KERNEL_DIM, choose_splits, stream_handle
 
@@ -32,6 +33,7 @@ def accumulate_scale_reference(
     beta: float = 0.0,
     alpha: float = 1.0,
 ) -> torch.Tensor:
+    _check_args(S, g, a, QG, QA, beta, alpha)
     g = g.to(S.dtype)
     a = a.to(S.dtype)
     if bias:
@@ -79,6 +81,7 @@ def accumulate_scale_cuda(
     never materialising per-example gradients. S must be float32 and C-contiguous (updated
     in place); g and a may be float32, bfloat16 or float16.
     """
+    _check_args(S, g, a, QG, QA, beta, alpha)
     ext = extension()
     d_out, d_in = S.shape
     gt = _project(g, QG, False)
@@ -96,6 +99,18 @@ def accumulate_scale_cuda(
     launch = ext.scale_accumulate if g.dim() == 2 else ext.scale_accumulate_shared
     launch(S.detach(), gt, at, workspace, splits, float(beta), float(alpha), stream_handle(S.device))
     return S
+
+
+def _check_args(S, g, a, QG, QA, beta, alpha) -> None:
+    """The argument check both implementations run (kfac_cuda.ops._checks)."""
+    for name, t in (("S", S), ("QG", QG), ("QA", QA)):
+        check_tensor("accumulate_scale", name, t, STATE_DTYPES, ndims=(2,))
+    for name, t in (("g", g), ("a", a)):
+        check_tensor("accumulate_scale", name, t, INPUT_DTYPES, ndims=(2, 3))
+    if g.dim() != a.dim() or g.shape[:-1] != a.shape[:-1]:
+        raise ValueError(f"accumulate_scale: g {tuple(g.shape)} and a {tuple(a.shape)} rows differ")
+    check_scalar("accumulate_scale", "beta", beta)
+    check_scalar("accumulate_scale", "alpha", alpha)
 
 
 def _cuda_supports(S, g, a, QG, QA) -> bool:
@@ -131,8 +146,7 @@ def accumulate_scale(
         a: (n, d_in) or (n, T, d_in) activations.
         QG, QA: eigenbases, (d_out, d_out) and (d_in + bias, d_in + bias).
     """
-    if g.dim() != a.dim() or g.shape[:-1] != a.shape[:-1]:
-        raise ValueError(f"accumulate_scale: g {tuple(g.shape)} and a {tuple(a.shape)} rows differ")
+    _check_args(S, g, a, QG, QA, beta, alpha)
     impl = select("accumulate_scale", backend, S, accumulate_scale_reference, accumulate_scale_cuda,
                   lambda: _cuda_supports(S, g, a, QG, QA))
     return impl(S, g, a, QG, QA, bias=bias, beta=beta, alpha=alpha)

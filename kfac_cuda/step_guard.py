@@ -1,0 +1,66 @@
+"""What the Preconditioner's step checks before and after it changes anything: layers whose
+parameters changed shape, non-finite gradients and activations, and curvature or
+preconditioned gradients that an update would leave non-finite (then put back from a snapshot)."""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+import torch
+
+from .batch import LayerBatch
+from .registration import Layers
+
+
+def check_shapes(layers: Layers, names: Sequence[str]) -> None:
+    """Refuse layers whose parameters were replaced by ones of another shape."""
+    for n in names:
+        adapter, curvature = layers[n]
+        want = curvature.grad_shape
+        got = (adapter.d_out, adapter.d_in + int(adapter.has_bias))
+        bias = getattr(adapter.module, "bias", None)
+        bias_shape = getattr(adapter, "bias_shape", (adapter.d_out,))  # attention: the packed q/k/v bias
+        if got != want or (adapter.has_bias and (bias is None or tuple(bias.shape) != bias_shape)):
+            raise ValueError(f"kfac_cuda: layer {n!r} changed shape since the Preconditioner was built "
+                             f"(weight {tuple(adapter.module.weight.shape)}, gradient matrix {got}, "
+                             f"curvature for {want}): build a new optimizer for the new model")
+
+
+def snapshot(layers: Layers, names: Sequence[str]) -> Dict[str, dict]:
+    return {n: layers[n][1].snapshot() for n in names}
+
+
+def restore(layers: Layers, snapshots: Dict[str, dict]) -> None:
+    for n, snap in snapshots.items():
+        layers[n][1].restore(snap)
+
+
+def nonfinite_inputs(grads: Dict[str, torch.Tensor], batches: Dict[str, LayerBatch],
+                     params: Iterable[Tuple[str, torch.Tensor]]) -> List[str]:
+    """Names of the non-finite layer gradients, captured activations and gradients of the named
+    ``params`` (one host sync)."""
+    items: Dict[str, List[torch.Tensor]] = {f"gradient of {n!r}": [g] for n, g in grads.items()}
+    for n, b in batches.items():
+        items[f"activations or output gradients of {n!r}"] = b.tensors()
+    seen = set()
+    for name, p in params:
+        if p.grad is not None and id(p) not in seen:
+            seen.add(id(p))
+            items[f"gradient of {name!r}"] = [p.grad]
+    return nonfinite({k: torch.stack([torch.isfinite(t).all() for t in ts]).all() for k, ts in items.items() if ts})
+
+
+def nonfinite_curvature(layers: Layers, updated: Sequence[str], results) -> List[str]:
+    """Layers whose updated curvature or whose (U, <U, V>) is not finite (one host sync)."""
+    items = {n: layers[n][1].finite() for n in updated}
+    for n, (U, dot) in results.items():
+        finite = torch.isfinite(U).all() & torch.isfinite(dot).all()
+        items[n] = items[n] & finite if n in items else finite
+    return nonfinite(items)
+
+
+def nonfinite(flags: Dict[str, torch.Tensor]) -> List[str]:
+    """The names whose flag is False (one host sync)."""
+    if not flags:
+        return []
+    ok = torch.stack(list(flags.values())).tolist()
+    return [name for name, good in zip(flags, ok) if not good]
