@@ -1,7 +1,9 @@
 """Every kernel once per dtype on small odd shapes, through the public ops with
 backend="cuda": the workload bench/gpu_check.sh runs under compute-sanitizer (memcheck,
-racecheck), where the full GPU test suite would take too long. Exits non-zero if a kernel
-disagrees with its reference."""
+racecheck, synccheck, initcheck), where the full GPU test suite would take too long. The
+shapes include ones where the ops cut the reduction into splits (few tiles, many rows), so
+the workspace partials and reduce_splits_kernel run under the sanitizers too. Exits
+non-zero if a kernel disagrees with its reference."""
 import sys
 
 import torch
@@ -22,7 +24,7 @@ def orthogonal(d):
 def run() -> float:
     worst = 0.0
     for dtype in DTYPES:
-        for n, d in ((7, 33), (255, 7), (33, 70)):
+        for n, d in ((7, 33), (255, 7), (33, 70), (1500, 33)):  # (1500, 33): one tile, 5 splits
             a = torch.randn(n, d, device="cuda").to(dtype)
             w = torch.rand(n, device="cuda")
             for weights in (None, w):
@@ -30,12 +32,13 @@ def run() -> float:
                 accumulate_factor(out, a, bias=True, weights=weights, beta=0.0, alpha=0.5, backend="cuda")
                 ref = accumulate_factor(torch.zeros_like(out), a, bias=True, weights=weights, alpha=0.5, backend="torch")
                 worst = max(worst, rel(out, ref))
-        x = torch.randn(3, 5, 9, 7, device="cuda").to(dtype)
         geo = dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2))
-        out = torch.full((5 * 6 + 1,) * 2, float("nan"), device="cuda")
-        accumulate_conv_factor(out, x, bias=True, **geo, backend="cuda")
-        ref = accumulate_conv_factor(torch.zeros_like(out), x, bias=True, **geo, backend="torch")
-        worst = max(worst, rel(out, ref))
+        for batch, hw in ((3, 9), (40, 17)):  # 40 x 9 x 14 = 5040 patch rows: split
+            x = torch.randn(batch, 5, hw, 7, device="cuda").to(dtype)
+            out = torch.full((5 * 6 + 1,) * 2, float("nan"), device="cuda")
+            accumulate_conv_factor(out, x, bias=True, **geo, backend="cuda")
+            ref = accumulate_conv_factor(torch.zeros_like(out), x, bias=True, **geo, backend="torch")
+            worst = max(worst, rel(out, ref))
         if dtype == torch.float16:
             continue  # precondition and scales take fp32/bf16 gradients
         QG, QA = orthogonal(13), orthogonal(34)
@@ -45,7 +48,7 @@ def run() -> float:
             U, dot = precondition(V, QG, QA, damping=0.1, **kw, backend="cuda")
             U_ref, _ = precondition(V, QG, QA, damping=0.1, **kw, backend="torch")
             worst = max(worst, rel(U, U_ref))
-        for shape in ((9,), (9, 5)):
+        for shape in ((9,), (9, 5), (9, 0), (2048,), (300, 5)):  # (9, 0): T = 0; the last two split
             g = torch.randn(*shape, 13, device="cuda").to(dtype)
             a = torch.randn(*shape, 33, device="cuda").to(dtype)
             out = torch.full((13, 34), float("nan"), device="cuda")

@@ -5,36 +5,45 @@
 // Cost: n*D*(D+1)/2 multiply-adds (upper-triangle tiles only, mirrored), reads
 // n*d*elt*~(D/64) bytes of a (L2-resident re-reads) + D^2*4 of A (none when beta == 0),
 // writes D^2*4. With beta == 0 A is never read (NaN/Inf in it do not propagate, as in addmm).
+// Why a kernel: the PyTorch reference up-casts 16-bit rows to fp32, concatenates the ones
+// column (a copy of a) and runs a full fp32 SGEMM; this computes half the product, never
+// copies a, and on tensor cores reads the 16-bit rows as they are.
 //
 // Each block owns one 64x64 output tile (I, J), I <= J, loops over rows in slabs staged in
 // shared memory, then writes the tile and its transpose (coalesced through shared memory),
 // only elements with row <= col, so A is exactly symmetric.
-// Paths: fp32/weighted inputs use a SIMT kernel (4x4 outputs per thread, fp32 FMA);
-// unweighted bf16/fp16 on sm_80+ use tensor cores (WMMA 16x16x16, fp32 accumulate: bf16 and
-// fp16 products are exact in fp32, so this loses nothing against the fp32 reference).
-// A TF32 tensor-core path for fp32 inputs is not used: it would round the inputs to 10-bit
-// mantissas, which the fp32 reference does not do.
-// When there are too few tiles to fill the GPU (small D, large n) the rows are split over
-// gridDim.z blocks that atomically add into A after a separate A <- beta*A pass (the result is
-// then not bitwise deterministic, but still exactly symmetric up to atomic ordering).
+// Paths:
+//  - unweighted bf16/fp16 on sm_80+ (tensor_cores): mma.sync.m16n8k16 with fp32 accumulation,
+//    fragments loaded from shared memory with ldmatrix.trans (csrc/warp_mma.cuh). The products
+//    are exact in fp32, but the tensor cores' fp32 accumulation is NOT IEEE round-to-nearest:
+//    terms are aligned to the largest and truncated, the sum is rounded toward zero (Fasi et
+//    al., PeerJ CS 2021). Error model per output: below about 2^-22 * sum|terms| per 16-row
+//    mma step, so about n/16 * 2^-22 * sum|terms| over a chain of n rows (2-4x the error of
+//    sequential fp32 FMA, and biased toward zero): close to, not identical with, the fp32 reference.
+//  - fp32 rows, or weighted rows of any dtype, on sm_80+: 3xTF32 on mma.sync.m16n8k8 (x = hi + lo,
+//    x y ~ hi hi' + hi lo' + lo hi', fp32 accumulation; weights applied on load, never stored).
+//    Error model: each product within 3 * 2^-22 of exact (the split leaves 2^-22 |x|, lo lo' is
+//    dropped), plus 2^-22 * sum|terms| per mma step (three per 8 rows): about fp32 accuracy at
+//    tensor-core rate. A plain 1xTF32 path is not offered: it would round the inputs to 10-bit
+//    mantissas, which the fp32 reference does not do.
+//  - below sm_80: a SIMT kernel (4x4 outputs per thread, fp32 FMA, weights applied on load).
+// Splits: when the tiles alone leave SMs idle (small D, large n) the caller cuts the rows into
+// `splits` parts; block z writes the upper triangle of its partial tile into workspace[z] and
+// reduce_splits_kernel<true> sums the partials in a fixed order, applies the EMA and mirrors:
+// no atomics, bitwise reproducible for a given `splits`, A exactly symmetric.
+// Assumptions: n < 2^31 - 2^16, D < 2^20; device pointers of the current device; A does not
+// alias a, w or the workspace. Launch: 256 (SIMT) / 128 (tensor cores) threads, static smem
+// <= 28 KiB. Why it can win: see docs/kernels.md (performance model).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 
-#include <algorithm>
 #include <cstdint>
-#include <optional>
-#include <string>
-#include <tuple>
 #include <type_traits>
 
-#include "cuda_check.h"
-#include "device_guard.h"
-#include "ops_registry.h"
-#include "tensor_intake.h"
-
-namespace py = pybind11;
+#include "factor_accumulate.h"
+#include "gemm_tile.cuh"
+#include "warp_mma.cuh"
 
 namespace kfac {
 namespace {
@@ -42,18 +51,14 @@ namespace {
 constexpr int kTile = 64;          // output tile edge
 constexpr int kSimtRows = 16;      // rows per shared-memory slab, SIMT path
 constexpr int kSimtThreads = 256;  // 16 x 16 threads, 4 x 4 outputs each
-constexpr int kMmaRows = 32;       // rows per slab, tensor-core path
-constexpr int kMmaThreads = 128;   // 4 warps, 32 x 32 outputs each
-constexpr int kMinRowsPerSplit = 256;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+constexpr int kMmaRows = 32;       // rows per slab, tensor-core path (two k16 steps)
+constexpr int kMmaThreads = 128;   // 4 warps, 32 x 32 outputs each (both tensor-core paths)
+constexpr int kTf32Rows = 16;      // rows per slab, 3xTF32 path (two k8 steps)
 
 // abar[row][col] as float: a's entry, the implicit 1 at col == d (bias), 0 past D.
 template <typename T>
 __device__ __forceinline__ float abar_at(const T* a, int64_t row, int col, int d, int D) {
-  if (col < d) return to_float(a[row * d + col]);
+  if (col < d) return tile::to_float(a[row * d + col]);
   return col < D ? 1.0f : 0.0f;
 }
 
@@ -67,25 +72,60 @@ __device__ __forceinline__ void tile_coords(int t, int tiles, int& I, int& J) {
   J = I + t;
 }
 
-__device__ __forceinline__ void store(float* dst, float v, float alpha, float beta, bool atomic) {
-  if (atomic) {
-    atomicAdd(dst, alpha * v);
-  } else {
-    *dst = beta == 0.0f ? alpha * v : fmaf(beta, *dst, alpha * v);
-  }
-}
-
-// Writes the tile C[i0.., j0..] held in sC (row-major, leading dim LDC) to A and its transpose
-// to A[j0.., i0..], keeping only elements with global row <= col; both writes coalesced.
+// Writes the tile C[i0.., j0..] held in sC (row-major, leading dim LDC), keeping only elements
+// with global row <= col. partial == nullptr: EMA into A and the transpose into A[j0.., i0..]
+// (both writes coalesced); otherwise the raw upper-triangle values into partial (D x D).
 template <int LDC>
-__device__ void write_tile(float* A, int D, const float* sC, int i0, int j0, float alpha, float beta,
-                           bool atomic) {
+__device__ void write_tile(float* A, float* partial, int D, const float* sC, int i0, int j0, float alpha,
+                           float beta) {
   for (int idx = threadIdx.x; idx < kTile * kTile; idx += blockDim.x) {
     const int r = idx / kTile, c = idx % kTile;
     const int gi = i0 + r, gj = j0 + c;  // C[gi][gj] = sC[r][c]
-    if (gi < D && gj < D && gi <= gj) store(&A[int64_t(gi) * D + gj], sC[r * LDC + c], alpha, beta, atomic);
+    if (gi < D && gj < D && gi <= gj) {
+      const int64_t e = int64_t(gi) * D + gj;
+      if (partial != nullptr) {
+        partial[e] = sC[r * LDC + c];
+      } else {
+        A[e] = tile::ema(A + e, beta, alpha, sC[r * LDC + c]);
+      }
+    }
     const int ti = i0 + c, tj = j0 + r;  // C[ti][tj] = sC[c][r] goes to A[tj][ti]
-    if (ti < D && tj < D && ti < tj) store(&A[int64_t(tj) * D + ti], sC[c * LDC + r], alpha, beta, atomic);
+    if (partial == nullptr && ti < D && tj < D && ti < tj) {
+      const int64_t e = int64_t(tj) * D + ti;
+      A[e] = tile::ema(A + e, beta, alpha, sC[c * LDC + r]);
+    }
+  }
+}
+
+// This block's rows [row_begin, row_end) and its partial slice (nullptr: write A directly).
+struct RowRange {
+  int begin, end;
+  float* partial;
+};
+
+__device__ __forceinline__ RowRange row_range(int n, int rows_per_split, float* workspace, int D) {
+  const int64_t begin = int64_t(blockIdx.z) * rows_per_split;
+  const int64_t end = begin + rows_per_split < n ? begin + rows_per_split : n;
+  float* partial = workspace == nullptr ? nullptr : workspace + int64_t(blockIdx.z) * D * D;
+  return RowRange{int(begin < n ? begin : n), int(end), partial};
+}
+
+// Stages rows [r0, r0 + ROWS) of the tile's columns as fp32: sX[k][c] = w[r0+k] abar[r0+k][i0+c]
+// (w == nullptr: 1), sY[k][c] = abar[r0+k][j0+c]; zeros from row `end` on. All THREADS call it.
+template <int ROWS, int LDS, int THREADS, typename T>
+__device__ __forceinline__ void stage_fp32(float (*sX)[LDS], float (*sY)[LDS], const T* a, const float* w, int r0,
+                                           int end, int i0, int j0, int d, int D) {
+  for (int idx = threadIdx.x; idx < ROWS * kTile; idx += THREADS) {
+    const int k = idx / kTile, c = idx % kTile;
+    const int row = r0 + k;  // < n < 2^31 - 2^16
+    float x = 0.0f, y = 0.0f;
+    if (row < end) {
+      x = abar_at(a, row, i0 + c, d, D);
+      if (w != nullptr) x *= w[row];
+      y = abar_at(a, row, j0 + c, d, D);
+    }
+    sX[k][c] = x;
+    sY[k][c] = y;
   }
 }
 
@@ -93,32 +133,21 @@ __device__ void write_tile(float* A, int D, const float* sC, int i0, int j0, flo
 template <typename T>
 __global__ void __launch_bounds__(kSimtThreads)
     factor_simt_kernel(float* __restrict__ A, const T* __restrict__ a, const float* __restrict__ w,
-                       int n, int d, int D, int tiles, int rows_per_split, float alpha, float beta,
-                       bool atomic) {
+                       float* __restrict__ workspace, int n, int d, int D, int tiles, int rows_per_split,
+                       float alpha, float beta) {
   __shared__ __align__(16) float sX[kSimtRows][kTile];  // weighted columns of tile row I
   __shared__ __align__(16) float sY[kSimtRows][kTile];  // columns of tile column J
   __shared__ float sC[kTile * (kTile + 1)];
   int I, J;
   tile_coords(blockIdx.x, tiles, I, J);
   const int i0 = I * kTile, j0 = J * kTile;
-  const int row_begin = blockIdx.z * rows_per_split;
-  const int row_end = min(n, row_begin + rows_per_split);
+  const RowRange rows = row_range(n, rows_per_split, workspace, D);
+  const int row_begin = rows.begin, row_end = rows.end;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 
   float acc[4][4] = {};
   for (int r0 = row_begin; r0 < row_end; r0 += kSimtRows) {
-    for (int idx = threadIdx.x; idx < kSimtRows * kTile; idx += kSimtThreads) {
-      const int k = idx / kTile, c = idx % kTile;
-      const int row = r0 + k;
-      float x = 0.0f, y = 0.0f;
-      if (row < row_end) {
-        x = abar_at(a, row, i0 + c, d, D);
-        if (w != nullptr) x *= w[row];
-        y = abar_at(a, row, j0 + c, d, D);
-      }
-      sX[k][c] = x;
-      sY[k][c] = y;
-    }
+    stage_fp32<kSimtRows, kTile, kSimtThreads>(sX, sY, a, w, r0, row_end, i0, j0, d, D);
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < kSimtRows; ++k) {
@@ -137,82 +166,159 @@ __global__ void __launch_bounds__(kSimtThreads)
 #pragma unroll
     for (int q = 0; q < 4; ++q) sC[(ty * 4 + m) * (kTile + 1) + tx * 4 + q] = acc[m][q];
   __syncthreads();
-  write_tile<kTile + 1>(A, D, sC, i0, j0, alpha, beta, atomic);
+  write_tile<kTile + 1>(A, rows.partial, D, sC, i0, j0, alpha, beta);
 }
 
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-
-// abar[row][col] in the input's own 16-bit type (exact: 0 and 1 are representable).
-template <typename T>
-__device__ __forceinline__ T abar_raw(const T* a, int64_t row, int col, int d, int D) {
-  return col < d ? a[row * d + col] : from_float<T>(col < D ? 1.0f : 0.0f);
+// Epilogue of both tensor-core kernels: warp (wm, wn)'s 2 x 4 accumulators (m16n8 C fragments:
+// c_e at row g + 8(e >= 2), col 2t + (e & 1)) go to the row-major tile sC, then write_tile.
+template <int LDC>
+__device__ __forceinline__ void write_fragments(float* A, const RowRange& rows, int D, float* sC,
+                                                const float (&acc)[2][4][4], int wm, int wn, int lane, int i0,
+                                                int j0, float alpha, float beta) {
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int m = 0; m < 2; ++m)
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        sC[(wm * 32 + m * 16 + g + 8 * (e >> 1)) * LDC + wn * 32 + q * 8 + 2 * t + (e & 1)] = acc[m][q][e];
+  __syncthreads();
+  write_tile<LDC>(A, rows.partial, D, sC, i0, j0, alpha, beta);
 }
 
-// Tensor-core path: bf16/fp16 inputs, no weights, sm_80+. Warp (wm, wn) owns the 32x32
-// sub-tile [wm*32, wn*32] as 2x2 WMMA accumulators.
+// Bit pattern of 1.0 in the 16-bit input type (the bias column).
+template <typename T>
+constexpr uint16_t kOneBits = std::is_same<T, __nv_bfloat16>::value ? 0x3F80 : 0x3C00;
+
+// Tensor-core path: bf16/fp16 rows, no weights, sm_80+. Warp (wm, wn) owns the 32x32 sub-tile
+// [wm*32, wn*32]: 2 (m16) x 4 (n8) mma.m16n8k16 accumulators, 32 fp32 registers per lane.
+// The slab sX[k][i] = abar[r0 + k][i0 + i] holds A^T of the product C = X^T Y (A(i,k) = sX[k][i]),
+// so both operands are loaded with ldmatrix.trans from k-major rows of 16-bit elements.
+// Shared rows are 72 halves (144 B): 16-byte aligned for ldmatrix, and the 8 row addresses of
+// one 8x8 matrix fall in 8 distinct 4-bank groups (no bank conflicts).
 template <typename T>
 __global__ void __launch_bounds__(kMmaThreads)
-    factor_mma_kernel(float* __restrict__ A, const T* __restrict__ a, int n, int d, int D, int tiles,
-                      int rows_per_split, float alpha, float beta, bool atomic) {
+    factor_mma_kernel(float* __restrict__ A, const T* __restrict__ a, float* __restrict__ workspace, int n, int d,
+                      int D, int tiles, int rows_per_split, float alpha, float beta) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  using namespace nvcuda;
-  constexpr int LDS = kTile + 8;   // 16-bit elements; multiple of 8 as WMMA requires
-  constexpr int LDC = kTile + 4;   // floats; multiple of 4
-  __shared__ __align__(128) T sX[kMmaRows][LDS];  // sX[k][i] = abar[r0 + k][i0 + i]
-  __shared__ __align__(128) T sY[kMmaRows][LDS];
-  __shared__ __align__(128) float sC[kTile * LDC];
+  constexpr warp::Mma16 kType = std::is_same<T, __nv_bfloat16>::value ? warp::Mma16::BFloat16 : warp::Mma16::Float16;
+  constexpr int LDS = kTile + 8;  // 16-bit elements per shared row
+  constexpr int LDC = kTile + 4;  // floats per sC row
+  __shared__ __align__(128) uint16_t sX[kMmaRows][LDS];
+  __shared__ __align__(128) uint16_t sY[kMmaRows][LDS];
+  __shared__ __align__(16) float sC[kTile * LDC];
   int I, J;
   tile_coords(blockIdx.x, tiles, I, J);
   const int i0 = I * kTile, j0 = J * kTile;
-  const int row_begin = blockIdx.z * rows_per_split;
-  const int row_end = min(n, row_begin + rows_per_split);
-  const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
+  const RowRange rows = row_range(n, rows_per_split, workspace, D);
+  const int warp_id = threadIdx.x / 32, lane = threadIdx.x % 32, wm = warp_id / 2, wn = warp_id % 2;
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(a);
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
-#pragma unroll
-  for (int m = 0; m < 2; ++m)
-#pragma unroll
-    for (int q = 0; q < 2; ++q) wmma::fill_fragment(acc[m][q], 0.0f);
-
-  const T zero = from_float<T>(0.0f);
-  for (int r0 = row_begin; r0 < row_end; r0 += kMmaRows) {
+  float acc[2][4][4] = {};
+  for (int r0 = rows.begin; r0 < rows.end; r0 += kMmaRows) {
     for (int idx = threadIdx.x; idx < kMmaRows * kTile; idx += kMmaThreads) {
       const int k = idx / kTile, c = idx % kTile;
-      const int row = r0 + k;
-      const bool in = row < row_end;
-      sX[k][c] = in ? abar_raw(a, row, i0 + c, d, D) : zero;
-      sY[k][c] = in ? abar_raw(a, row, j0 + c, d, D) : zero;
+      const int64_t row = r0 + k;
+      uint16_t x = 0, y = 0;  // +0.0 in both 16-bit formats
+      if (row < rows.end) {
+        const int ci = i0 + c, cj = j0 + c;
+        x = ci < d ? bits[row * d + ci] : (ci < D ? kOneBits<T> : 0);
+        y = cj < d ? bits[row * d + cj] : (cj < D ? kOneBits<T> : 0);
+      }
+      sX[k][c] = x;
+      sY[k][c] = y;
     }
     __syncthreads();
 #pragma unroll
-    for (int k = 0; k < kMmaRows; k += 16) {
-      // (abar^T)[i][k] = sX[k][i]: column-major with leading dimension LDS.
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];
+    for (int k0 = 0; k0 < kMmaRows; k0 += 16) {
+      // Lane l addresses row (l % 8) of 8x8 matrix j = l / 8.
+      const int j = lane / 8, r = lane % 8;
+      uint32_t fa[2][4], fb[4][2];
 #pragma unroll
-      for (int m = 0; m < 2; ++m) wmma::load_matrix_sync(fa[m], &sX[k][wm * 32 + m * 16], LDS);
+      for (int m = 0; m < 2; ++m)  // matrices: (i 0-7, k 0-7), (i 8-15, k 0-7), (i 0-7, k 8-15), (i 8-15, k 8-15)
+        warp::ldmatrix_x4_trans(fa[m], &sX[k0 + r + 8 * (j >> 1)][wm * 32 + m * 16 + 8 * (j & 1)]);
 #pragma unroll
-      for (int q = 0; q < 2; ++q) wmma::load_matrix_sync(fb[q], &sY[k][wn * 32 + q * 16], LDS);
+      for (int q = 0; q < 2; ++q) {  // matrices: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
+        uint32_t rb[4];
+        warp::ldmatrix_x4_trans(rb, &sY[k0 + r + 8 * (j & 1)][wn * 32 + q * 16 + 8 * (j >> 1)]);
+        fb[2 * q][0] = rb[0];
+        fb[2 * q][1] = rb[1];
+        fb[2 * q + 1][0] = rb[2];
+        fb[2 * q + 1][1] = rb[3];
+      }
 #pragma unroll
       for (int m = 0; m < 2; ++m)
 #pragma unroll
-        for (int q = 0; q < 2; ++q) wmma::mma_sync(acc[m][q], fa[m], fb[q], acc[m][q]);
+        for (int q = 0; q < 4; ++q) warp::mma_m16n8k16<kType>(acc[m][q], fa[m], fb[q]);
     }
     __syncthreads();
   }
+  write_fragments<LDC>(A, rows, D, sC, acc, wm, wn, lane, i0, j0, alpha, beta);
+#else
+  __trap();  // the host never selects this path below sm_80
+#endif
+}
+
+// 3xTF32 tensor-core path: fp32 rows, or weighted rows of any dtype (weights applied on load),
+// sm_80+. x = hi + lo with hi = tf32(x), lo = tf32(x - hi); x y ~= hi*hi' + hi*lo' + lo*hi'
+// (the lo*lo' term, below 2^-22 |x y|, is dropped), each an mma.m16n8k8.tf32 with fp32
+// accumulation: about fp32 accuracy at tensor-core rate. Warp (wm, wn) owns the 32x32 sub-tile
+// [wm*32, wn*32] as 2 (m16) x 4 (n8) accumulators. Shared rows of 72 floats: the fragment loads
+// (8 lanes along i or j, 4 along k) hit 32 distinct banks.
+template <typename T>
+__global__ void __launch_bounds__(kMmaThreads)
+    factor_tf32_kernel(float* __restrict__ A, const T* __restrict__ a, const float* __restrict__ w,
+                       float* __restrict__ workspace, int n, int d, int D, int tiles, int rows_per_split,
+                       float alpha, float beta) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  constexpr int LDS = kTile + 8;  // floats per shared row
+  constexpr int LDC = kTile + 4;
+  __shared__ __align__(16) float sX[kTf32Rows][LDS];  // sX[k][i] = w[r0+k] abar[r0+k][i0+i]
+  __shared__ __align__(16) float sY[kTf32Rows][LDS];  // sY[k][j] = abar[r0+k][j0+j]
+  __shared__ __align__(16) float sC[kTile * LDC];
+  int I, J;
+  tile_coords(blockIdx.x, tiles, I, J);
+  const int i0 = I * kTile, j0 = J * kTile;
+  const RowRange rows = row_range(n, rows_per_split, workspace, D);
+  const int warp_id = threadIdx.x / 32, lane = threadIdx.x % 32, wm = warp_id / 2, wn = warp_id % 2;
+  const int g = lane / 4, t = lane % 4;  // fragment coordinates (csrc/warp_mma.cuh)
+
+  float acc[2][4][4] = {};
+  for (int r0 = rows.begin; r0 < rows.end; r0 += kTf32Rows) {
+    stage_fp32<kTf32Rows, LDS, kMmaThreads>(sX, sY, a, w, r0, rows.end, i0, j0, d, D);
+    __syncthreads();
 #pragma unroll
-  for (int m = 0; m < 2; ++m)
+    for (int k0 = 0; k0 < kTf32Rows; k0 += 8) {
+      uint32_t a_hi[2][4], a_lo[2][4], b_hi[4][2], b_lo[4][2];
 #pragma unroll
-    for (int q = 0; q < 2; ++q)
-      wmma::store_matrix_sync(&sC[(wm * 32 + m * 16) * LDC + wn * 32 + q * 16], acc[m][q], LDC,
-                              wmma::mem_row_major);
-  __syncthreads();
-  write_tile<LDC>(A, D, sC, i0, j0, alpha, beta, atomic);
+      for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {  // A(i, k) = sX[k][i]: a_e at i = g + 8(e & 1), k = t + 4(e >= 2)
+          const float x = sX[k0 + t + 4 * (e >> 1)][wm * 32 + m * 16 + g + 8 * (e & 1)];
+          a_hi[m][e] = warp::to_tf32(x);
+          a_lo[m][e] = warp::to_tf32(x - __uint_as_float(a_hi[m][e]));
+        }
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {  // B(k, j) = sY[k][j]: b_e at k = t + 4e, j = g
+          const float y = sY[k0 + t + 4 * e][wn * 32 + q * 8 + g];
+          b_hi[q][e] = warp::to_tf32(y);
+          b_lo[q][e] = warp::to_tf32(y - __uint_as_float(b_hi[q][e]));
+        }
+#pragma unroll
+      for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {  // small terms first
+          warp::mma_m16n8k8_tf32(acc[m][q], a_lo[m], b_hi[q]);
+          warp::mma_m16n8k8_tf32(acc[m][q], a_hi[m], b_lo[q]);
+          warp::mma_m16n8k8_tf32(acc[m][q], a_hi[m], b_hi[q]);
+        }
+    }
+    __syncthreads();
+  }
+  write_fragments<LDC>(A, rows, D, sC, acc, wm, wn, lane, i0, j0, alpha, beta);
 #else
   __trap();  // the host never selects this path below sm_80
 #endif
@@ -225,84 +331,70 @@ __global__ void scale_kernel(float* __restrict__ A, int64_t count, float beta) {
     A[i] = beta == 0.0f ? 0.0f : beta * A[i];
 }
 
-void launch_scale(float* A, int64_t count, float beta, cudaStream_t stream, int sms) {
-  if (beta == 1.0f || count == 0) return;
-  const int blocks = int(std::min<int64_t>((count + 255) / 256, int64_t(sms) * 8));
-  scale_kernel<<<blocks, 256, 0, stream>>>(A, count, beta);
-  KFAC_CUDA_CHECK_LAUNCH("scale_kernel");
+// The bf16/fp16 mma kernel exists only for 16-bit T.
+template <typename T>
+void launch_mma16(const FactorArgs& p, const T* a, float* workspace, int D, int tiles, int rows_per_split, dim3 grid,
+                  cudaStream_t stream) {
+  if constexpr (!std::is_same<T, float>::value) {
+    factor_mma_kernel<T><<<grid, kMmaThreads, 0, stream>>>(p.factor, a, workspace, p.n, p.d, D, tiles,
+                                                           rows_per_split, p.alpha, p.beta);
+  }
 }
 
 template <typename T>
-void launch(float* A, const void* a, const float* w, int n, int d, int D, float alpha, float beta,
-            bool tensor_cores, cudaStream_t stream, int sms) {
+cudaError_t launch(const FactorArgs& p, int D, cudaStream_t stream) {
   const int tiles = (D + kTile - 1) / kTile;
   const int blocks = tiles * (tiles + 1) / 2;
-  // Split rows across gridDim.z when the tiles alone leave SMs idle (aim: ~2 blocks per SM).
-  const int want = (2 * sms + blocks - 1) / blocks;
-  const int max_splits = std::max(1, n / kMinRowsPerSplit);
-  const int splits = std::min({want, max_splits, 65535});
-  const int rows_per_split = splits == 1 ? n : ((n + splits - 1) / splits + kMmaRows - 1) / kMmaRows * kMmaRows;
-  const int used_splits = (n + rows_per_split - 1) / rows_per_split;
-  const bool atomic = used_splits > 1;
-  if (atomic) launch_scale(A, int64_t(D) * D, beta, stream, sms);
+  const int rows_per_split = (tile::ceil_div(p.n, p.splits) + kMmaRows - 1) / kMmaRows * kMmaRows;
+  const int used_splits = tile::ceil_div(p.n, rows_per_split);
+  float* workspace = used_splits > 1 ? p.workspace : nullptr;
   const dim3 grid(blocks, 1, used_splits);
-  if constexpr (std::is_same_v<T, float>) {
-    tensor_cores = false;
-  } else if (tensor_cores) {
-    factor_mma_kernel<T><<<grid, kMmaThreads, 0, stream>>>(A, static_cast<const T*>(a), n, d, D, tiles,
-                                                           rows_per_split, alpha, beta, atomic);
-    KFAC_CUDA_CHECK_LAUNCH("factor_mma_kernel");
-    return;
+  const T* a = static_cast<const T*>(p.a);
+  if (!p.tensor_cores) {
+    factor_simt_kernel<T><<<grid, kSimtThreads, 0, stream>>>(p.factor, a, p.weights, workspace, p.n, p.d, D, tiles,
+                                                             rows_per_split, p.alpha, p.beta);
+  } else if (std::is_same<T, float>::value || p.weights != nullptr) {
+    factor_tf32_kernel<T><<<grid, kMmaThreads, 0, stream>>>(p.factor, a, p.weights, workspace, p.n, p.d, D, tiles,
+                                                            rows_per_split, p.alpha, p.beta);
+  } else {
+    launch_mma16(p, a, workspace, D, tiles, rows_per_split, grid, stream);
   }
-  factor_simt_kernel<T><<<grid, kSimtThreads, 0, stream>>>(A, static_cast<const T*>(a), w, n, d, D, tiles,
-                                                           rows_per_split, alpha, beta, atomic);
-  KFAC_CUDA_CHECK_LAUNCH("factor_simt_kernel");
-}
-
-void factor_accumulate(py::object A_obj, py::object a_obj, py::object w_obj, bool bias, double beta,
-                       double alpha, std::uintptr_t stream_handle) {
-  CudaTensor A = take_cuda_tensor(A_obj, {"A", {DType::Float32}, 2, true}, stream_handle);
-  CudaTensor a = take_cuda_tensor(a_obj, {"a", kFloatingTypes, 2, false, A.device()}, stream_handle);
-  const std::optional<CudaTensor> w =
-      take_optional_cuda_tensor(w_obj, {"weights", {DType::Float32}, 1, false, A.device()}, stream_handle);
-  const int64_t n = a.size(0), d = a.size(1), D = d + (bias ? 1 : 0);
-  require_shape(A.size(0) == D && A.size(1) == D, "A",
-                "expected shape (" + std::to_string(D) + ", " + std::to_string(D) + ") for a of shape " +
-                    shape_string(a) + (bias ? " with bias" : " without bias") + ", got " + shape_string(A));
-  require_shape(!w || w->size(0) == n, "weights",
-                "expected shape (" + std::to_string(n) + ",) to match a's rows, got " + (w ? shape_string(*w) : ""));
-  require_shape(n < (int64_t(1) << 31) && D < (int64_t(1) << 20), "a", "too large: shape " + shape_string(a));
-  if (D == 0) return;
-
-  DeviceGuard guard(A.device());
-  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  int sms = 0, major = 0;
-  KFAC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, A.device()));
-  KFAC_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, A.device()));
-  float* A_ptr = A.data_as<float>();
-  if (n == 0) {  // abar^T abar = 0
-    launch_scale(A_ptr, D * D, float(beta), stream, sms);
-    return;
-  }
-  const float* w_ptr = w ? w->data_as<float>() : nullptr;
-  const bool tensor_cores = w_ptr == nullptr && major >= 8;
-  const auto args = std::make_tuple(A_ptr, a.data(), w_ptr, int(n), int(d), int(D), float(alpha), float(beta),
-                                    tensor_cores, stream, sms);
-  switch (a.dtype()) {
-    case DType::Float32: std::apply(launch<float>, args); break;
-    case DType::BFloat16: std::apply(launch<__nv_bfloat16>, args); break;
-    case DType::Float16: std::apply(launch<__half>, args); break;
-  }
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || workspace == nullptr) return err;
+  const int64_t total = int64_t(D) * D;
+  const int reduce_blocks = int(total / 256 + 1 < 4096 ? total / 256 + 1 : 4096);
+  tile::reduce_splits_kernel<true><<<reduce_blocks, 256, 0, stream>>>(p.factor, workspace, D, D, used_splits, p.beta,
+                                                                       p.alpha);
+  return cudaGetLastError();
 }
 
 }  // namespace
 
-void register_factor_accumulate(py::module_& m) {
-  m.def("factor_accumulate", &factor_accumulate, py::arg("A"), py::arg("a"), py::arg("weights"),
-        py::arg("bias"), py::arg("beta"), py::arg("alpha"), py::arg("stream"),
-        "A <- beta*A + alpha * abar^T diag(weights) abar in place on `stream` (a cudaStream_t as int);\n"
-        "abar = [a | 1] when bias. A: (d+bias, d+bias) float32; a: (n, d) float32/bfloat16/float16;\n"
-        "weights: None or (n,) float32; all C-contiguous on one CUDA device. Allocates nothing.");
+int factor_accumulate_tiles(int D) {
+  const int t = tile::ceil_div(D, kTile);
+  return t * (t + 1) / 2;
+}
+
+int64_t factor_accumulate_workspace_floats(int D, int splits) {
+  return splits > 1 ? int64_t(splits) * D * D : 0;
+}
+
+cudaError_t factor_accumulate_launch(const FactorArgs& p, cudaStream_t stream) {
+  if (p.splits < 1 || (p.splits > 1 && p.workspace == nullptr) || p.n < 0 || p.d < 0) return cudaErrorInvalidValue;
+  const int D = p.d + (p.bias ? 1 : 0);
+  if (D == 0) return cudaSuccess;
+  if (p.n == 0) {  // abar^T abar = 0: A <- beta A
+    if (p.beta == 1.0f) return cudaSuccess;
+    const int64_t count = int64_t(D) * D;
+    scale_kernel<<<int(count / 256 + 1 < 4096 ? count / 256 + 1 : 4096), 256, 0, stream>>>(p.factor, count, p.beta);
+    return cudaGetLastError();
+  }
+  switch (p.a_type) {
+    case FactorInputType::Float32: return launch<float>(p, D, stream);
+    case FactorInputType::BFloat16: return launch<__nv_bfloat16>(p, D, stream);
+    case FactorInputType::Float16: return launch<__half>(p, D, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace kfac

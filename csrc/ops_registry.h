@@ -8,7 +8,7 @@
 namespace kfac {
 
 void register_runtime(pybind11::module_& m);             // runtime.cpp
-void register_factor_accumulate(pybind11::module_& m);   // factor_accumulate.cu
+void register_factor_accumulate(pybind11::module_& m);   // factor_accumulate_bind.cpp
 void register_precondition(pybind11::module_& m);  // precondition_bind.cpp
 void register_scale_accumulate(pybind11::module_& m);  // scale_accumulate_bind.cpp
 void register_conv_factor_accumulate(pybind11::module_& m);  // conv_factor_accumulate_bind.cpp

@@ -143,7 +143,7 @@ cudaError_t scale_accumulate_launch(const ScaleArgs& p, cudaStream_t stream) {
     float* out_ws = p.splits > 1 ? p.workspace : nullptr;
     if (p.splits > 1 && p.workspace == nullptr) return cudaErrorInvalidValue;
     const dim3 grid(tile::ceil_div(p.d_in, BN), tile::ceil_div(p.d_out, BM), p.splits);
-    if (p.positions > 0) {
+    if (p.shared) {  // T == 0 included: every example's product is 0, S <- beta S
         scale_shared_kernel<<<grid, tile::THREADS, 0, stream>>>(p.gt, p.at, p.scale, out_ws, p.n, p.positions,
                                                                  p.d_out, p.d_in, chunk, p.beta, p.alpha);
     } else {

@@ -14,7 +14,8 @@ struct ScaleArgs {
     float* scale;      // S: d_out x d_in, updated in place
     float* workspace;  // splits * d_out * d_in floats when splits > 1, else unused (may be null)
     int n;             // examples
-    int positions;     // T (weight sharing); 0 for the per-row case
+    int positions;     // T (weight sharing, may be 0); ignored for the per-row case
+    bool shared;       // true: gt/at are (n, T, d) (weight sharing); false: (n, d) rows
     int d_out;
     int d_in;
     int splits;        // >= 1: the reduction dimension (rows or examples) is cut in `splits` parts
@@ -22,8 +23,8 @@ struct ScaleArgs {
     float alpha;
 };
 
-// Without weight sharing (positions == 0):  S <- beta S + alpha (G~ o G~)^T (A~ o A~).
-// With weight sharing (positions == T > 0): S <- beta S + alpha sum_i (G~_i^T A~_i)^2,
+// Without weight sharing (!shared):  S <- beta S + alpha (G~ o G~)^T (A~ o A~).
+// With weight sharing (shared, positions == T >= 0; T == 0 gives S <- beta S): S <- beta S + alpha sum_i (G~_i^T A~_i)^2,
 //   G~_i = G~[i*T:(i+1)*T] (T x d_out), A~_i likewise; the per-example product is never stored.
 cudaError_t scale_accumulate_launch(const ScaleArgs& args, cudaStream_t stream);
 

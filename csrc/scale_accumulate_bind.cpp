@@ -60,11 +60,11 @@ void scale_common(py::object S_obj, py::object gt_obj, py::object at_obj, py::ob
     args.at = at.data_as<float>();
     args.scale = S.data_as<float>();
     args.workspace = need > 0 ? ws->data_as<float>() : nullptr;
-    // Weight sharing with T = 0 positions: every per-example sum is empty, so S <- beta*S + 0.
-    // The kernels take that as zero rows; never as n rows of a tensor that holds no elements.
-    const bool no_positions = ndim == 3 && positions == 0;
-    args.n = no_positions ? 0 : int(n);
-    args.positions = no_positions ? 0 : int(positions);
+    // Weight sharing with T = 0 positions: every per-example sum is empty, so S <- beta*S + 0;
+    // the launcher's `shared` flag keeps that from being read as n rows of an empty tensor.
+    args.n = int(n);
+    args.positions = int(positions);
+    args.shared = ndim == 3;
     args.d_out = int(d_out);
     args.d_in = int(d_in);
     args.splits = int(splits);

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not cuda_extension_available(),
 
 def call(A, a, weights=None, bias=True, beta=0.0, alpha=1.0, stream=0):
     from kfac_cuda._extension import extension
-    extension().factor_accumulate(A, a, weights, bias, beta, alpha, stream)
+    extension().factor_accumulate(A, a, weights, bias, None, 1, beta, alpha, stream)
 
 
 def good_A(d=3, bias=True, **kw):

@@ -46,7 +46,7 @@ def run_isolated(body: str) -> subprocess.CompletedProcess:
     ("F([2**40, 2**40])", "A: malformed DLPack tensor: more than 2\\^48 elements"),
 ])
 def test_malformed_capsule_raises_value_error(fake, match):
-    proc = run_isolated(f"A = {fake}\n    ext.factor_accumulate(A, F([5, 3]), None, True, 0.0, 1.0, 0)\n"
+    proc = run_isolated(f"A = {fake}\n    ext.factor_accumulate(A, F([5, 3]), None, True, None, 1, 0.0, 1.0, 0)\n"
                         "    assert A.deleted == 1")
     assert proc.returncode == 0, f"crashed with {proc.returncode}: {proc.stderr[-2000:]}"
     import re

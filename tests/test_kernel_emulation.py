@@ -1,6 +1,8 @@
-"""CPU: the real kernel sources of csrc/precondition.cu, scale_accumulate.cu and
-conv_factor_accumulate.cu, compiled with g++ against a CUDA emulation shim
-(tests/emulation/), against the PyTorch references in float64.
+"""CPU: the real kernel sources of csrc/precondition.cu, scale_accumulate.cu,
+conv_factor_accumulate.cu and factor_accumulate.cu, compiled with g++ against a CUDA
+emulation shim (tests/emulation/), against the PyTorch references in float64. Warps run as
+32 lanes with explicit registers: ldmatrix and mma.sync are warp collectives with the PTX
+ISA's per-lane fragment layouts (tests/emulation/cuda_shim/warp.h).
 
 This checks what can go wrong by reading the code without a GPU — tile indexing, bounds
 on odd sizes, implicit im2col addressing, split-K partials and their reduction, the
@@ -20,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent / "emulation"))
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the kernel emulation")
 
 from kfac_cuda.ops.conv_factor_accumulate import accumulate_conv_factor_reference  # noqa: E402
+from kfac_cuda.ops.factor_accumulate import accumulate_factor_reference  # noqa: E402
 from kfac_cuda.ops.precondition import precondition_reference  # noqa: E402
 from kfac_cuda.ops.scale_accumulate import _project, accumulate_scale_reference  # noqa: E402
 
@@ -77,6 +80,8 @@ def test_precondition(E, d_out, d_in, dtype, stored):
     (5, 7, 66, 65, False, torch.float32, 2),
     (6, 17, 3, 8, True, torch.bfloat16, 6),
     (4, 2, 65, 3, False, torch.float32, 1),
+    (4, 0, 8, 5, True, torch.float32, 1),  # T = 0: an empty sum per example, S <- beta S
+    (4, 0, 8, 5, False, torch.float32, 2),
 ])
 def test_scale_accumulate(E, n, T, d_out, d_in, bias, dtype, splits):
     gen = torch.Generator().manual_seed(n * 7 + d_out)
@@ -120,3 +125,65 @@ def test_conv_factor(E, geometry, bias, weighted, dtype, splits):
                                                beta=beta, alpha=0.1)
         assert torch.isfinite(A).all() and torch.equal(A, A.t())
         assert rel(A, ref) < 1e-5
+
+
+U = 2.0 ** -24  # fp32 unit roundoff (round to nearest)
+
+
+def factor_error_bound(chain: int, splits: int, path: str) -> float:
+    """Bound on |A - A_exact| / sum|terms|, elementwise, from the rounding model.
+
+    "simt": a sequential fp32 FMA chain of ``chain`` rows errs by at most chain*u (first order).
+    Tensor cores (model of tests/emulation/cuda_shim/warp.h, after Fasi et al. 2021): every mma
+    step truncates its terms below 2^-26 of the largest and rounds toward zero, at most 2^-22 of
+    the sum of |terms| per step. "mma16": bf16/fp16 products are exact, ceil(chain/16) steps.
+    "tf32": 3xTF32 products err by up to 3*2^-22 (split residue, dropped lo*lo'), and there are
+    3 steps per 8 rows. Then the split reduction (splits - 1 additions) and the EMA (2 roundings)
+    add (splits + 2) u."""
+    if path == "simt":
+        steps = chain * U
+    elif path == "mma16":
+        steps = -(-chain // 16) * 4 * U
+    else:
+        steps = (3 + 3 * -(-chain // 8)) * 4 * U
+    return steps + (splits + 2) * U
+
+
+@pytest.mark.parametrize("tensor_cores", [True, False], ids=["sm80", "simt"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,d,bias,weighted,splits", [
+    (1, 1, False, False, 1), (7, 33, True, False, 1), (97, 64, False, False, 2), (70, 65, True, True, 3),
+    (40, 130, True, False, 1), (300, 9, True, False, 4), (0, 5, True, False, 1), (33, 0, True, False, 1),
+])
+def test_factor(E, tensor_cores, dtype, n, d, bias, weighted, splits):
+    gen = torch.Generator().manual_seed(n * 131 + d)
+    a = torch.randn(n, d, generator=gen).to(dtype)
+    w = torch.rand(n, generator=gen) + 0.1 if weighted else None
+    D = d + bias
+    A0 = torch.randn(D, D, generator=gen)
+    A0 = A0 + A0.t()
+    rows_per_split = -(-max(n, 1) // splits)
+    path = "simt" if not tensor_cores else "mma16" if dtype != torch.float32 and not weighted else "tf32"
+    abs_rows = a.double().abs()
+    if bias:
+        abs_rows = torch.cat([abs_rows, torch.ones(n, 1, dtype=torch.float64)], dim=1)
+    for beta, start in [(0.75, A0.clone()), (0.0, torch.full_like(A0, float("nan")))]:
+        A = E.factor(start, a, bias, weights=w, splits=splits, beta=beta, alpha=0.5, tensor_cores=tensor_cores)
+        ref = accumulate_factor_reference(A0.double().clone(), a.double(), bias=bias,
+                                          weights=None if w is None else w.double(), beta=beta, alpha=0.5)
+        terms = accumulate_factor_reference(abs(beta) * A0.double().abs(), abs_rows, bias=False,
+                                            weights=None if w is None else w.double(), beta=1.0, alpha=0.5)
+        assert torch.isfinite(A).all() and torch.equal(A, A.t())
+        err = ((A.double() - ref).abs() / terms.clamp_min(1e-300)).max().item() if D else 0.0
+        assert err <= factor_error_bound(rows_per_split, splits, path), err
+
+
+def test_tf32_split_keeps_fp32_accuracy(E):
+    """3xTF32 must be far more accurate than plain TF32 (10-bit mantissas, ~2^-11 relative):
+    on rows with full fp32 mantissas the error stays near the fp32 level."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(64, 40, generator=gen) * 3.7
+    A = E.factor(torch.zeros(40, 40), a, False, tensor_cores=True)
+    ref = a.double().t() @ a.double()
+    terms = a.double().abs().t() @ a.double().abs()
+    assert ((A.double() - ref).abs() / terms).max().item() < 2e-6

@@ -16,7 +16,9 @@ import torch
 from .._extension import extension
 from ._checks import check_factor_args
 from ._dispatch import select
-from ._launch import KERNEL_INPUT_DTYPES, stream_handle
+from ._launch import KERNEL_INPUT_DTYPES, choose_splits, stream_handle
+
+_MIN_ROWS_PER_SPLIT = 256
 
 
 def accumulate_factor_reference(
@@ -50,9 +52,17 @@ def accumulate_factor_cuda(
 
     Same contract as the reference; A float32, a float32/bfloat16/float16, weights float32,
     all C-contiguous on one device (the extension raises ValueError/TypeError otherwise).
+    The only allocation is a split-K workspace when the factor's tiles alone cannot fill the
+    GPU; the split reduction is deterministic (no atomics).
     """
     _check_args(A, a, weights, beta, alpha)
-    extension().factor_accumulate(A, a, weights, bool(bias), float(beta), float(alpha), stream_handle(A.device))
+    ext = extension()
+    D = A.shape[0]
+    splits = choose_splits(A.device, ext.factor_accumulate_tiles(D), a.shape[0], _MIN_ROWS_PER_SPLIT, D * D)
+    size = ext.factor_accumulate_workspace_size(D, splits)
+    workspace = torch.empty(size, dtype=torch.float32, device=A.device) if size else None
+    ext.factor_accumulate(A, a, weights, bool(bias), workspace, splits, float(beta), float(alpha),
+                          stream_handle(A.device))
     return A
 
 

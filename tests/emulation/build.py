@@ -22,7 +22,7 @@ from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parent.parent / "csrc"
-KERNELS = ["precondition.cu", "scale_accumulate.cu", "conv_factor_accumulate.cu"]
+KERNELS = ["precondition.cu", "scale_accumulate.cu", "conv_factor_accumulate.cu", "factor_accumulate.cu"]
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^;{}()]*?>)?)<<<(.*?)>>>\((.*?)\);", re.S)
 
 
@@ -30,31 +30,61 @@ def rewrite_launches(source: str) -> str:
     return _LAUNCH.sub(lambda m: f"::emu::launch({m.group(2)}, [&]() {{ {m.group(1)}({m.group(3)}); }});", source)
 
 
-def build(out_dir: Optional[Path] = None) -> ctypes.CDLL:
-    """Compile (cached by source hash) and load the emulation library."""
+#: Sanitizer builds (compile_emulation(sanitize=...)): the extra g++ flags.
+SANITIZERS = {
+    "address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"],
+    "thread": ["-fsanitize=thread"],
+}
+
+
+def compile_emulation(sanitize: Optional[str] = None, executable: bool = False,
+                      out_dir: Optional[Path] = None) -> Path:
+    """Compile (cached by source hash and flags) the emulated kernels with harness.cpp.
+
+    Default: the shared library the ctypes front end loads. ``executable=True`` links
+    sanitize_driver.cpp instead, a stand-alone program that runs every kernel on odd shapes
+    and split paths. ``sanitize``: None, "address" (AddressSanitizer + UndefinedBehaviorSanitizer)
+    or "thread" (ThreadSanitizer). Sanitized code runs as the stand-alone driver, since the
+    runtimes cannot be loaded into an uninstrumented Python reliably (TSan cannot at all)."""
+    if sanitize is not None and sanitize not in SANITIZERS:
+        raise ValueError(f"sanitize must be one of {sorted(SANITIZERS)}, got {sanitize!r}")
+    flags = SANITIZERS.get(sanitize, [])
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     if cxx is None:
         raise FileNotFoundError("no C++ compiler (g++) found")
     sources = {name: (CSRC / name).read_text() for name in KERNELS}
     digest = hashlib.sha256()
     for path in sorted([*CSRC.glob("*.h"), *CSRC.glob("*.cuh"), *(CSRC / n for n in KERNELS),
-                        *HERE.glob("cuda_shim/*.h"), HERE / "harness.cpp", Path(__file__)]):
+                        *HERE.glob("cuda_shim/*.h"), *HERE.glob("*.cpp"), Path(__file__)]):
         digest.update(path.name.encode() + path.read_bytes())
+    digest.update(" ".join([*flags, str(executable)]).encode())
     out_dir = out_dir or Path(tempfile.gettempdir()) / f"kfac_emulation_{digest.hexdigest()[:16]}"
-    lib = out_dir / "libkfac_emulation.so"
-    if not lib.exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        cpp_files = []
-        for name, text in sources.items():
-            rewritten = rewrite_launches(text)
-            if "<<<" in rewritten:
-                raise RuntimeError(f"{name}: a launch was not rewritten")
-            target = out_dir / (name[:-3] + "_emu.cpp")
-            target.write_text(rewritten)
-            cpp_files.append(str(target))
-        tmp = out_dir / f"lib.{os.getpid()}.so"
-        cmd = [cxx, "-std=c++20", "-O2", "-g", "-fPIC", "-shared", "-pthread", "-Wall", "-Wno-unknown-pragmas",
-               f"-I{HERE / 'cuda_shim'}", f"-I{CSRC}", *cpp_files, str(HERE / "harness.cpp"), "-o", str(tmp)]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-        os.replace(tmp, lib)
-    return ctypes.CDLL(str(lib))
+    target = out_dir / ("sanitize_driver" if executable else "libkfac_emulation.so")
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cpp_files = []
+    for name, text in sources.items():
+        rewritten = rewrite_launches(text)
+        if "<<<" in rewritten:
+            raise RuntimeError(f"{name}: a launch was not rewritten")
+        emu_cpp = out_dir / (name[:-3] + "_emu.cpp")
+        emu_cpp.write_text(rewritten)
+        cpp_files.append(str(emu_cpp))
+    cpp_files.append(str(HERE / "harness.cpp"))
+    if executable:
+        cpp_files.append(str(HERE / "sanitize_driver.cpp"))
+    tmp = out_dir / f"{target.name}.{os.getpid()}.tmp"
+    cmd = [cxx, "-std=c++20", "-O2", "-g", "-pthread", "-Wall", "-Wno-unknown-pragmas", *flags,
+           *([] if executable else ["-fPIC", "-shared"]),
+           f"-I{HERE / 'cuda_shim'}", f"-I{CSRC}", *cpp_files, "-o", str(tmp)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"emulation build failed: {' '.join(cmd)}\n{done.stderr[-4000:]}")
+    os.replace(tmp, target)
+    return target
+
+
+def build(out_dir: Optional[Path] = None) -> ctypes.CDLL:
+    """Compile (cached) and load the emulation library."""
+    return ctypes.CDLL(str(compile_emulation(out_dir=out_dir)))

@@ -20,9 +20,12 @@ def lib() -> ctypes.CDLL:
         _lib.emu_precondition_workspace.restype = ctypes.c_longlong
         _lib.emu_scale_workspace.restype = ctypes.c_longlong
         _lib.emu_conv_workspace.restype = ctypes.c_longlong
+        _lib.emu_factor_workspace.restype = ctypes.c_longlong
+        _lib.emu_factor.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [
+            ctypes.c_int] * 5 + [ctypes.c_float, ctypes.c_float]
         _lib.emu_precondition.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + [
             ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int]
-        _lib.emu_scale.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [ctypes.c_float] * 2
+        _lib.emu_scale.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6 + [ctypes.c_float] * 2
         _lib.emu_conv.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 4 + [
             ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float]
     return _lib
@@ -59,10 +62,11 @@ def scale_accumulate(S, gt, at, splits=1, beta=0.0, alpha=1.0):
     gt, at = gt.contiguous(), at.contiguous()
     d_out, d_in = S.shape
     n = gt.shape[0]
-    positions = gt.shape[1] if gt.dim() == 3 else 0
+    shared = gt.dim() == 3
+    positions = gt.shape[1] if shared else 0
     need = lib().emu_scale_workspace(d_out, d_in, splits)
     ws = poisoned(need) if need else None
-    rc = lib().emu_scale(_ptr(gt), _ptr(at), _ptr(S), _ptr(ws), n, positions, d_out, d_in, splits, beta, alpha)
+    rc = lib().emu_scale(_ptr(gt), _ptr(at), _ptr(S), _ptr(ws), n, int(shared), positions, d_out, d_in, splits, beta, alpha)
     assert rc == 0
     return S
 
@@ -80,5 +84,20 @@ def conv_factor(A, x, kernel_size: Sequence[int], stride, padding, dilation, bia
     ws = poisoned(need) if need else None
     rc = lib().emu_conv(_ptr(x, *_X_TYPES), _X_TYPES[x.dtype], _ptr(weights), _ptr(A), _ptr(ws), geometry, int(bias), splits,
                         beta, alpha)
+    assert rc == 0
+    return A
+
+
+def factor(A, a, bias: bool, weights=None, splits=1, beta=0.0, alpha=1.0, tensor_cores=True):
+    """A <- beta A + alpha abar^T diag(w) abar in place with the emulated factor_accumulate.cu.
+    tensor_cores: the sm_80+ paths (mma.sync for unweighted 16-bit rows, 3xTF32 otherwise), else
+    the SIMT kernel; ``splits`` cuts the rows as the caller would."""
+    a = a.contiguous()
+    weights = None if weights is None else weights.contiguous()
+    n, d = a.shape
+    need = lib().emu_factor_workspace(A.shape[0], splits)
+    ws = poisoned(need) if need else None
+    rc = lib().emu_factor(_ptr(A), _ptr(a, *_X_TYPES) if a.numel() else None, _X_TYPES[a.dtype], _ptr(weights),
+                          _ptr(ws), n, d, int(bias), int(tensor_cores), splits, beta, alpha)
     assert rc == 0
     return A

@@ -1,5 +1,6 @@
 // extern "C" entry points over the raw launchers, for ctypes (CPU emulation tests only).
 #include "conv_factor_accumulate.h"
+#include "factor_accumulate.h"
 #include "precondition.h"
 #include "scale_accumulate.h"
 
@@ -33,7 +34,7 @@ long long emu_scale_workspace(int d_out, int d_in, int splits) {
     return kfac::scale_accumulate_workspace_floats(d_out, d_in, splits);
 }
 
-int emu_scale(const float* gt, const float* at, float* S, float* ws, int n, int positions, int d_out, int d_in,
+int emu_scale(const float* gt, const float* at, float* S, float* ws, int n, int shared, int positions, int d_out, int d_in,
               int splits, float beta, float alpha) {
     kfac::ScaleArgs a;
     a.gt = gt;
@@ -42,6 +43,7 @@ int emu_scale(const float* gt, const float* at, float* S, float* ws, int n, int 
     a.workspace = ws;
     a.n = n;
     a.positions = positions;
+    a.shared = shared != 0;
     a.d_out = d_out;
     a.d_in = d_in;
     a.splits = splits;
@@ -70,6 +72,28 @@ int emu_conv(const void* x, int x_type, const float* w, float* A, float* ws, con
     a.beta = beta;
     a.alpha = alpha;
     return kfac::conv_factor_launch(a, nullptr);
+}
+
+long long emu_factor_workspace(int D, int splits) { return kfac::factor_accumulate_workspace_floats(D, splits); }
+
+// a_type: 0 fp32, 1 bf16, 2 fp16. tensor_cores: the sm_80+ paths (mma.sync bf16/fp16 for
+// unweighted 16-bit rows, 3xTF32 otherwise); 0: the SIMT kernel used below sm_80.
+int emu_factor(float* A, const void* a, int a_type, const float* w, float* ws, int n, int d, int bias,
+               int tensor_cores, int splits, float beta, float alpha) {
+    kfac::FactorArgs f;
+    f.factor = A;
+    f.a = a;
+    f.a_type = static_cast<kfac::FactorInputType>(a_type);
+    f.weights = w;
+    f.workspace = ws;
+    f.n = n;
+    f.d = d;
+    f.bias = bias != 0;
+    f.tensor_cores = tensor_cores != 0;
+    f.splits = splits;
+    f.beta = beta;
+    f.alpha = alpha;
+    return kfac::factor_accumulate_launch(f, nullptr);
 }
 
 }  // extern "C"

@@ -2,14 +2,21 @@
 // Runs each kernel launch on the host: the blocks one after another, the threads of a block as
 // real std::threads, __syncthreads as a std::barrier, __shared__ variables as function statics
 // (one per kernel instantiation, shared by the block's threads; blocks never overlap).
+// Warps: threads 32w..32w+31 of a block form warp w; the warp collectives of warp.h
+// (ldmatrix, mma.sync, tf32 conversion) exchange registers between its 32 lanes.
 #pragma once
 
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 #include <thread>
 #include <vector>
+
+#define KFAC_CUDA_EMULATION 1
 
 #define __global__
 #define __device__
@@ -17,6 +24,14 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+using std::max;
+using std::min;
+inline void __trap() { std::abort(); }
 
 struct dim3 {
     unsigned x, y, z;
@@ -29,8 +44,12 @@ constexpr cudaError_t cudaErrorInvalidValue = 1;
 using cudaStream_t = void*;
 
 namespace emu {
+struct WarpState;
 inline dim3 grid_dim, block_dim, block_idx;
 inline thread_local dim3 thread_idx;
+inline thread_local unsigned thread_rank;  // linear index of the thread in its block
+inline std::vector<std::unique_ptr<WarpState>>* block_warps = nullptr;
+inline std::vector<std::unique_ptr<WarpState>> make_warps(unsigned threads);  // defined in warp.h
 inline std::barrier<>* block_barrier = nullptr;
 inline int launches = 0;
 
@@ -46,11 +65,14 @@ void launch(dim3 grid, dim3 block, std::size_t /*smem*/, cudaStream_t /*stream*/
                 block_idx = dim3(x, y, z);
                 std::barrier<> bar(threads);
                 block_barrier = &bar;
+                auto warps = make_warps(threads);
+                block_warps = &warps;
                 std::vector<std::thread> pool;
                 pool.reserve(threads);
                 for (unsigned t = 0; t < threads; ++t)
                     pool.emplace_back([&body, &block, t] {
                         thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+                        thread_rank = t;
                         body();
                     });
                 for (auto& th : pool) th.join();
@@ -65,3 +87,5 @@ void launch(dim3 grid, dim3 block, std::size_t /*smem*/, cudaStream_t /*stream*/
 
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+
+#include "warp.h"

@@ -1,0 +1,235 @@
+"""Performance model of every kernel against its PyTorch reference on an H100 SXM, for every
+case of bench/kernel_cases.py and bench/factor_cases.py; a paper estimate (about +-30 %) to be
+calibrated by the first GPU run:
+
+    python bench/kernel_model.py                          # the model alone (no GPU needed)
+    python bench/kernel_model.py --measured OUT/kernel_table.json   # beside a measurement
+
+Assumptions (H100 SXM5, sm_90):
+- 132 SMs at 1.98 GHz; FP32 SIMT 67 TFLOP/s, TF32 tensor 495, BF16 tensor 989 (dense);
+  HBM3 3.35 TB/s of which 2.8 achievable; 4 warp-instructions issued per SM clock; shared
+  memory 128 B per SM clock; a kernel launch costs >= 5 us in a stream (host-bound below).
+- PyTorch references: torch's default allow_tf32=False, so every fp32 matmul is cuBLAS SGEMM at
+  75 % of FP32 peak (50 TFLOP/s) once its 128x128 tiles (times a split of K >= 1024 into
+  parts, as cuBLAS does for few tiles) fill the SMs, proportionally less below; "TF32 allowed" runs them on TF32 tensor cores at 60 % of peak. bf16 inputs are cast to
+  fp32 by the references, so no reference matmul uses bf16 tensor cores. Elementwise passes
+  (cast, cat, square, divide, EMA) move their bytes at 2.8 TB/s.
+- Kernels: costs per block and K-slice from the sm_90 SASS (bench/kernel_sass.py) and the
+  review of csrc/ (../shared/kernel-review.md): gemm_tile is shared-memory bound at 1024 clk
+  per 64x64x16 block-slice (8 warps x 128 LDS wavefronts), factor SIMT issue-bound at 1044 clk
+  per 64x64x16 slab (the sm<80 fallback, not modelled below), factor mma (ldmatrix + mma.sync,
+  scalar 16-bit staging) issue-bound at about 820 clk per 64x64x32 slab (staging ~50
+  instructions per element pair dominate), factor 3xTF32 (fp32 or weighted rows: 48 HMMA plus
+  the hi/lo splits per warp and slab) issue-bound at about 600 clk per 64x64x16 slab, conv
+  issue-bound at 4434 clk per slice (index divisions); all divided by 0.85 for scheduling
+  losses. An SM with too few blocks to hide it pays an exposed global latency of ~1500 clk
+  per slice (no prefetch in these kernels).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+SMS, CLOCK = 132, 1.98e9
+FP32, TF32 = 67e12, 495e12
+HBM = 2.8e12
+LAUNCH = 5e-6
+SGEMM_EFF, TF32_EFF = 0.75, 0.60
+REALISM = 0.85
+EXPOSED_LATENCY = 1500  # clk per slice when a block is alone on its SM
+
+# clk per (block, K-slice) and K-slice length, per kernel family
+GEMM_TILE = (1024, 16)
+FACTOR_SIMT = (1044, 16)
+FACTOR_MMA = (820, 32)
+FACTOR_TF32 = (600, 16)
+CONV = (4434, 16)
+
+
+def ceil(a: float, b: float) -> int:
+    return int(math.ceil(a / b))
+
+
+def elementwise(nbytes: float) -> float:
+    return LAUNCH + nbytes / HBM
+
+
+def reference_gemm(M: int, N: int, K: int, tf32: bool) -> float:
+    """cuBLAS GEMM C(MxN) = A(MxK) B(KxN), fp32 data."""
+    peak = TF32 * TF32_EFF if tf32 else FP32 * SGEMM_EFF
+    tiles = ceil(M, 128) * ceil(N, 128)
+    split_k = max(1, min(ceil(SMS, tiles), K // 1024))  # cuBLAS splits long K when tiles are few
+    fill = min(1.0, tiles * split_k / SMS)
+    return max(LAUNCH, 2.0 * M * N * K / (peak * fill) + 4.0 * (M * K + K * N + M * N) / HBM)
+
+
+def tiled_kernel(blocks: int, slices_per_block: int, clk: int, resident: int = 4) -> float:
+    """Blocks of `slices_per_block` K-slices at `clk` each: the busiest SM runs ceil(blocks/SMs)
+    of them, limited by its issue/shared-memory throughput, or, with too few resident blocks to
+    hide it, by the exposed global latency of each slice."""
+    per_sm = ceil(blocks, SMS)
+    busy = per_sm * clk / REALISM
+    latency = ceil(per_sm, resident) * (clk / REALISM + EXPOSED_LATENCY)
+    return max(LAUNCH, slices_per_block * max(busy, latency) / CLOCK)
+
+
+def choose_splits(tiles: int, reduce_len: int, min_per_split: int = 256) -> int:
+    """kfac_cuda.ops._launch.choose_splits on 132 SMs (workspace limit ignored)."""
+    return max(1, min(ceil(2 * SMS, max(1, tiles)), max(1, reduce_len // min_per_split), 256))
+
+
+# --- per-op models: (kernel seconds, reference seconds, reference seconds with TF32) ----------
+
+def factor(n: int, d: int, elt: int, weighted: bool) -> Tuple[float, float, float]:
+    D = d + 1
+    T = ceil(D, 64)
+    tiles = T * (T + 1) // 2
+    splits = choose_splits(tiles, n)
+    clk, k = FACTOR_TF32 if (elt == 4 or weighted) else FACTOR_MMA
+    kernel = tiled_kernel(tiles * splits, ceil(ceil(n, splits), k), clk, resident=5)
+    if splits > 1:
+        kernel += elementwise(4.0 * D * D * (splits + 2))
+    passes = elementwise(n * d * (elt + 4)) if elt != 4 else 0.0          # a.to(float32)
+    passes += elementwise(n * d * 4 + n * D * 4)                            # cat ones
+    passes += elementwise(2 * n * D * 4) if weighted else 0.0              # rows * w
+    refs = [passes + reference_gemm(D, D, n, tf32) + elementwise(8.0 * D * D) for tf32 in (False, True)]
+    return kernel, refs[0], refs[1]
+
+
+def precondition(d_out: int, d_in: int, elt: int) -> Tuple[float, float, float]:
+    grid = ceil(d_out, 64) * ceil(d_in, 64)
+    kernel = sum(tiled_kernel(grid, ceil(K, 16), GEMM_TILE[0]) for K in (d_out, d_in, d_out, d_in))
+    kernel += elementwise(4.0 * grid)  # partial sums
+    refs = []
+    for tf32 in (False, True):
+        t = sum(reference_gemm(d_out, d_in, K, tf32) for K in (d_out, d_in, d_out, d_in))
+        t += 3 * elementwise(3 * 4.0 * d_out * d_in)  # S + damping, divide, dot
+        t += elementwise(d_out * d_in * (elt + 4)) if elt != 4 else 0.0
+        refs.append(t)
+    return kernel, refs[0], refs[1]
+
+
+def scale(n: int, T: int, d_out: int, d_in: int, elt: int) -> Tuple[float, float, float]:
+    D = d_in + 1
+    rows = n * T
+    projections = [reference_gemm(rows, d_out, d_out, tf32) + reference_gemm(rows, D, D, tf32)
+                   + elementwise(rows * (d_out + d_in) * (elt + 4)) for tf32 in (False, True)]
+    grid = ceil(d_out, 64) * ceil(D, 64)
+    if T == 1:
+        splits = choose_splits(grid, n)
+        kernel = projections[0] + tiled_kernel(grid * splits, ceil(ceil(n, splits), 16), GEMM_TILE[0], 3)
+        refs = [p + 2 * elementwise(2 * 4.0 * rows * (d_out + D)) + reference_gemm(d_out, D, rows, tf32)
+                + elementwise(8.0 * d_out * D) for p, tf32 in zip(projections, (False, True))]
+    else:
+        splits = choose_splits(grid, n, max(1, 256 // T))
+        kernel = projections[0] + tiled_kernel(grid * splits, ceil(n, splits) * ceil(T, 16), GEMM_TILE[0], 3)
+        # the reference forms each example's d_out x D gradient (einsum over T) and rotates it
+        # (Q_G^T P Q_A) in batched GEMMs, then squares and sums: no projections
+        flops = 2.0 * n * d_out * D * (T + d_out + D)
+        refs = [flops / (TF32 * TF32_EFF if tf32 else FP32 * SGEMM_EFF) + 3 * LAUNCH
+                + elementwise(3 * 4.0 * n * d_out * D) for tf32 in (False, True)]
+    if splits > 1:
+        kernel += elementwise(4.0 * d_out * D * (splits + 2))
+    return kernel, refs[0], refs[1]
+
+
+def conv(n: int, C: int, H: int, elt: int) -> Tuple[float, float, float]:
+    d = 9 * C + 1
+    rows = n * H * H
+    t = ceil(d, 64)
+    tiles = t * (t + 1) // 2
+    splits = choose_splits(tiles, rows)
+    kernel = tiled_kernel(t * t * splits, ceil(ceil(rows, splits), 16), CONV[0]) * tiles / (t * t)
+    if splits > 1:
+        kernel += elementwise(4.0 * d * d * (splits + 2))
+    unfold = elementwise(n * C * H * H * elt + rows * (d - 1) * elt)
+    passes = unfold + (elementwise(rows * (d - 1) * (elt + 4)) if elt != 4 else 0.0)
+    passes += elementwise(rows * (d - 1) * 4 + rows * d * 4)  # cat ones
+    refs = [passes + reference_gemm(d, d, rows, tf32) + elementwise(8.0 * d * d) for tf32 in (False, True)]
+    return kernel, refs[0], refs[1]
+
+
+@dataclass
+class Row:
+    op: str
+    case: str
+    dtype: str
+    kernel_ms: float
+    torch_ms: float
+    torch_tf32_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.torch_ms / self.kernel_ms
+
+    @property
+    def speedup_tf32(self) -> float:
+        return self.torch_tf32_ms / self.kernel_ms
+
+
+def model_rows() -> List[Row]:
+    """The model for every case of kernel_cases.py and factor_cases.py (same names)."""
+    import factor_cases
+    import kernel_cases as kc
+
+    elts = {"fp32": 4, "bf16": 2}
+    rows: List[Row] = []
+
+    def add(op, name, dtype, times):
+        rows.append(Row(op, name, dtype, *(t * 1e3 for t in times)))
+
+    for dtype, elt in elts.items():
+        for n in factor_cases.SIZES:
+            for d in factor_cases.SIZES:
+                add("factor_accumulate", f"n{n}.d{d}", dtype, factor(n, d, elt, False))
+        add("factor_accumulate", "n4096.d1024.weighted", dtype, factor(4096, 1024, elt, True))
+        for name, d_in, d_out in kc.LINEARS:
+            for kind in ("ekfac", "kfac"):
+                add("precondition", f"{name}.{kind}", dtype, precondition(d_out, d_in + 1, elt))
+        for name, c_in, c_out, _ in kc.RESNET_CONVS:
+            add("precondition", f"{name}.ekfac", dtype, precondition(c_out, 9 * c_in + 1, elt))
+        for name, d_in, d_out in kc.LINEARS:
+            add("scale_accumulate", f"{name}.rows", dtype, scale(kc.TOKENS, 1, d_out, d_in, elt))
+        for name, d_in, d_out in kc.LINEARS[:3]:
+            add("scale_accumulate", f"{name}.seq512", dtype, scale(kc.TOKENS // 512, 512, d_out, d_in, elt))
+        for name, c_in, c_out, H in kc.RESNET_CONVS:
+            add("scale_accumulate", f"{name}.shared", dtype, scale(kc.BATCH, H * H, c_out, 9 * c_in, elt))
+            add("conv_factor_accumulate", name, dtype, conv(kc.BATCH, c_in, H, elt))
+    return rows
+
+
+def verdict(row: Row) -> str:
+    return "ahead" if row.speedup >= 1.5 and row.speedup_tf32 >= 1.0 else "behind"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--measured", type=Path, help="kernel_table.py JSON to print beside the model")
+    args = parser.parse_args()
+    measured: Dict[Tuple[str, str, str], dict] = {}
+    if args.measured:
+        data = json.loads(args.measured.read_text())
+        print(f"measured: {data.get('device')} commit {str(data.get('commit'))[:12]}")
+        measured = {(r["op"], r["case"], r["dtype"]): r for r in data["rows"]}
+    header = (f"{'op':<23} {'case':<30} {'dt':<4} {'model k ms':>10} {'ref ms':>9} {'x':>6} {'x tf32':>6} "
+              f"{'verdict':>7} | {'meas k ms':>9} {'meas ref':>9} {'meas x':>6} {'k model/meas':>12}")
+    print(header)
+    print("-" * len(header))
+    for r in model_rows():
+        m = measured.get((r.op, r.case, r.dtype))
+        tail = (f"{m['cuda_ms']:9.4f} {m['torch_ms']:9.4f} {m['speedup']:6.2f} {r.kernel_ms / m['cuda_ms']:12.2f}"
+                if m else f"{'-':>9} {'-':>9} {'-':>6} {'-':>12}")
+        print(f"{r.op:<23} {r.case:<30} {r.dtype:<4} {r.kernel_ms:10.4f} {r.torch_ms:9.4f} {r.speedup:6.2f} "
+              f"{r.speedup_tf32:6.2f} {verdict(r):>7} | {tail}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
