@@ -47,6 +47,9 @@ GRIDS: Dict[str, Sequence[float]] = {
     "pre-kfac-sqrt": (3e-3, 1e-2),
     "pre-tekfac-sqrt": (3e-3, 1e-2),
     "tekfac-opt": (0.1, 0.03),
+    "pre-kfac-sqrt-rel": (3e-3, 1e-2),
+    "graft-kfac-sqrt": (3e-3, 1e-2),
+    "graft-tekfac-sqrt": (3e-3, 1e-2),
 }
 #: Curvature options of our methods: the library defaults' intervals, damping for a GPT.
 KFAC_OPTIONS = dict(damping=1e-3, factor_decay=0.95, factor_update_steps=10, inv_update_steps=100)
@@ -101,9 +104,19 @@ def build(method: str, model: torch.nn.Module, lr: float):
 
         heavyball.utils.compile_mode = None  # eager: compile time would count as training time
         return heavyball.SOAP(model.parameters(), lr=lr), None
-    if method.startswith("pre-"):  # "pre-<method>" or "pre-<method>-sqrt" (exponent 1/2)
-        name, _, root = method[4:].partition("-")
-        pre = kfac_cuda.Preconditioner(model, name, exponent=0.5 if root == "sqrt" else 1.0, **KFAC_OPTIONS)
+    if method.startswith(("pre-", "graft-")):
+        # "pre-<method>[-sqrt][-rel]": Preconditioner -> AdamW; "graft-<method>[-sqrt][-rel]":
+        # Preconditioner with Adam grafting -> plain SGD (as SOAP: the step's size is Adam's).
+        # -sqrt: exponent 1/2; -rel: damping_mode="relative" (damping x the block's mean eigenvalue)
+        kind, name, *flags = method.split("-")
+        unknown = set(flags) - {"sqrt", "rel"}
+        if unknown:
+            raise ValueError(f"{method}: unknown suffix(es) {sorted(unknown)}")
+        pre = kfac_cuda.Preconditioner(model, name, exponent=0.5 if "sqrt" in flags else 1.0,
+                                       damping_mode="relative" if "rel" in flags else "absolute",
+                                       grafting="adam" if kind == "graft" else None, **KFAC_OPTIONS)
+        if kind == "graft":
+            return torch.optim.SGD(model.parameters(), lr=lr), pre
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), pre
     if method == "tekfac-opt":
         return kfac_cuda.TEKFAC(model, lr=lr, momentum=0.9, kl_clip=1e-3, **KFAC_OPTIONS), None
@@ -128,6 +141,8 @@ def state_bytes(opt, pre) -> int:
     if precond is not None:
         buffers = {id(t): t for _, c in precond.layers.values() for t in c.buffers.values() if t is not None}
         total += _tensor_bytes(list(buffers.values()))
+        if getattr(precond, "grafting", None) is not None:  # the grafted Adam's per-layer moments
+            total += _tensor_bytes(precond.grafting.moments)
     return total
 
 

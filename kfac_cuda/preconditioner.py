@@ -36,6 +36,7 @@ from .curvature import CURVATURES, ScaleMixin
 from .distributed import default_comm
 from .blocks import WIDE_SIDE
 from .exponent import check_exponent
+from .grafting import DAMPING_MODES, make_grafting, relative_damping
 from .layers import Conv2dAdapter
 from . import options
 from .ops._dispatch import check_backend
@@ -96,6 +97,12 @@ class Preconditioner:
         exponent: the step is (F^ + damping I)^(-exponent) V, 0 < exponent <= 1: 1 (default) is the
             natural gradient of the damped block, 0.5 the inverse square root of Shampoo/SOAP
             (kfac_cuda/exponent.py).
+        grafting: None (default), "adam" or "sgd": each layer's preconditioned gradient U is
+            rescaled to the norm of that optimizer's step on the layer's raw gradient, U <- U
+            ||a|| / ||U|| (Shampoo/SOAP grafting; Adam's per-layer moments, with ``grafting_betas``
+            and ``grafting_eps``, are kept in the state_dict). See kfac_cuda/grafting.py.
+        damping_mode: "absolute" (default): ``damping`` is lambda; "relative": layer l uses
+            lambda_l = damping * mean eigenvalue of its curvature block (replaces adaptive_damping).
         comm: what the step asks of the process group: ``kfac_cuda.DistributedComm(...)`` (see
             kfac_cuda.distributed) or ``kfac_cuda.LocalComm()`` (this process alone). Default:
             ``DistributedComm()`` when torch.distributed is initialised with more than one rank
@@ -134,6 +141,10 @@ class Preconditioner:
         comm: Optional[LocalComm] = None,
         parameters: Optional[Iterable[nn.Parameter]] = None,
         exponent: float = 1.0,
+        grafting: Optional[str] = None,
+        grafting_betas: Tuple[float, float] = (0.9, 0.999),
+        grafting_eps: float = 1e-8,
+        damping_mode: str = "absolute",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"kfac_cuda: the first argument must be the model (an nn.Module), got "
@@ -148,6 +159,8 @@ class Preconditioner:
         self.loss_reduction = options.choice("loss_reduction", loss_reduction, ("mean", "sum"))
         self.loss_terms = options.choice("loss_terms", loss_terms, LOSS_TERMS)
         self.exponent = check_exponent(exponent)
+        self.grafting = make_grafting(grafting, betas=grafting_betas, eps=grafting_eps)
+        self.damping_mode = options.choice("damping_mode", damping_mode, DAMPING_MODES)
         self.wide_side = options.choice("wide_side", wide_side, WIDE_SIDE)
         if batch_dim not in (0, 1) or isinstance(batch_dim, bool):
             raise ValueError(f"batch_dim must be 0 (batch-first) or 1 (sequence-first), got {batch_dim!r}")
@@ -250,7 +263,9 @@ class Preconditioner:
         return options.real("lr", lr(param) if callable(lr) else lr, low=0.0)
 
     def _dampings(self, names: Sequence[str]) -> Dict[str, float]:
-        """Per-layer damping: fixed, or TKFAC/TEKFAC's adaptive conv damping."""
+        """Per-layer damping: fixed, relative to the block's spectrum, or TKFAC/TEKFAC's adaptive conv damping."""
+        if self.damping_mode == "relative":
+            return {n: relative_damping(self.damping, self.layers[n][1]) for n in names}
         if not (self.adaptive_damping and self.method in ("tkfac", "tekfac")):
             return {n: self.damping for n in names}
         conv = {n: max(self.layers[n][1].natural_damping(), self.damping)
@@ -315,6 +330,8 @@ class Preconditioner:
                               "and gradients left untouched (retried on the next step)", RuntimeWarning)
                 return False
             results = self._precondition(names, grads)
+            if self.grafting is not None:
+                results, grafted_moments = self.grafting.propose(results, grads)
             if self.check_finite:
                 bad = step_guard.nonfinite_curvature(self.layers, list(snapshots), results)
                 if not self.comm.all_true(not bad):
@@ -325,6 +342,8 @@ class Preconditioner:
                                   "curvature left untouched", RuntimeWarning)
                     return False
             self._write_back(results, lrs)
+            if self.grafting is not None:
+                self.grafting.commit(grafted_moments)
             self.steps += 1
             return True
         finally:
@@ -353,16 +372,29 @@ class Preconditioner:
 
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything needed to resume exactly: factors, bases, scales and counters."""
-        return curvature_state(self.method, self.steps, {n: c for n, (_, c) in self.layers.items()})
+        """Everything needed to resume exactly: factors, bases, scales, counters (and the grafted
+        optimizer's moments with ``grafting``)."""
+        state = curvature_state(self.method, self.steps, {n: c for n, (_, c) in self.layers.items()})
+        if self.grafting is not None:
+            state["grafting"] = self.grafting.state_dict()
+        return state
 
     def prepare_load(self, state: dict) -> Callable[[], None]:
         """Validate a checkpoint entirely (method, layer names, buffer shapes and dtypes,
         counters; raises naming what is wrong) and return the function that loads it."""
         load = check_curvature_state(self.method, {n: c for n, (_, c) in self.layers.items()}, state)
+        load_grafting = lambda: None  # noqa: E731
+        if self.grafting is not None:
+            if "grafting" not in state:
+                raise ValueError(f"checkpoint has no grafting state, the Preconditioner grafts {self.grafting.kind!r}")
+            load_grafting = self.grafting.prepare_load(
+                state["grafting"], {n: tuple(c.grad_shape) for n, (_, c) in self.layers.items()})
+        elif "grafting" in state:
+            raise ValueError("checkpoint has a grafting state, the Preconditioner has grafting=None")
 
         def apply() -> None:
             self.steps = load()
+            load_grafting()
 
         return apply
 

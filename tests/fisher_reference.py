@@ -75,3 +75,12 @@ def output_grads(layer: nn.Module, model: nn.Module, loss_fn, x, y) -> torch.Ten
     total.backward()
     model.zero_grad()
     return store["o"].grad.detach()
+
+
+def dense_block(buffers: dict, method: str) -> torch.Tensor:
+    """The dense curvature block a K-FAC ("kfac": A kron G) or EKFAC ("ekfac": Q diag(S) Q^T in
+    the Kronecker eigenbasis Q = Q_A kron Q_G) layer's buffers stand for."""
+    if method == "kfac":
+        return torch.kron(buffers["A"], buffers["G"])
+    Q = torch.kron(buffers["QA"], buffers["QG"])
+    return Q @ torch.diag(vec(buffers["S"])) @ Q.t()

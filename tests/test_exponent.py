@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import kfac_cuda
 
-from fisher_reference import unvec, vec
+from fisher_reference import dense_block, unvec, vec
 
 
 def matrix_power(M, p):
@@ -27,12 +27,7 @@ def test_exponent_is_a_matrix_power_of_the_damped_block(method, exponent):
     F.cross_entropy(model(x), y).backward()
     V = torch.cat([model[2].weight.grad, model[2].bias.grad[:, None]], dim=1)
     assert pre.step()
-    b = pre.layers["2"][1].buffers
-    if method == "kfac":
-        block = torch.kron(b["A"], b["G"])
-    else:  # EKFAC: Q diag(S) Q^T in the Kronecker eigenbasis
-        Q = torch.kron(b["QA"], b["QG"])
-        block = Q @ torch.diag(vec(b["S"])) @ Q.t()
+    block = dense_block(pre.layers["2"][1].buffers, method)
     expected = matrix_power(block + damping * torch.eye(block.shape[0], dtype=torch.float64), -exponent) @ vec(V)
     U = torch.cat([model[2].weight.grad, model[2].bias.grad[:, None]], dim=1)
     torch.testing.assert_close(U, unvec(expected, 2), rtol=1e-8, atol=1e-12)
