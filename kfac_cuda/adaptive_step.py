@@ -9,11 +9,16 @@ One step:
    (the raw gradient in place of U for parameters it does not precondition);
 3. on adaptation steps, the exact GGN Gram matrix of (Delta, delta) on the same inputs
    (two forward-mode passes), and alpha, mu from the quadratic model;
-4. theta <- theta + v, v = alpha Delta + mu delta, and v is kept as the next step's delta;
+4. theta <- theta + v, v = alpha Delta + mu delta;
 5. an update that is not finite (say, a direction that overflowed at a tiny lambda) changes no
    parameter: the step warns and raises lambda as for rho < 1/4;
-6. on damping steps, the closure runs once more at theta + v (capture paused; it leaves the
-   gradient at theta + v in ``.grad``), rho is formed and lambda updated.
+6. on damping steps, and on every step with ``step_rejection`` (the default), the closure runs
+   once more at theta + v (capture paused; ``.grad`` is then put back to the preconditioned
+   gradient U, as after a plain step); on damping steps rho is formed and lambda updated;
+7. with ``step_rejection``, an update that raised h on its own batch (or made it non-finite) is
+   undone: theta is restored exactly, delta stays the last accepted update and lambda rises as
+   for rho < 1/4 (see :class:`~kfac_cuda.quadratic_model.QuadraticModel`); otherwise v is kept as
+   the next step's delta.
 A fixed learning rate or momentum is the param group's (so per-group rates are honoured then);
 an adapted one is a single scalar for the whole model, as in the paper.
 """
@@ -147,16 +152,46 @@ def martens_grosse_step(optimizer, model: nn.Module, closure: Optional[Callable[
                       f"parameters left unchanged, damping now {state['damping']:.3g}", RuntimeWarning)
         return loss
     l2_change = sum(g["weight_decay"] * (_dot([p], [u]) + 0.5 * _dot([u], [u])) for (g, p), u in zip(entries, update))
+    theta = [p.detach().clone() for _, p in entries] if options.step_rejection else None
     for (_, p), u in zip(entries, update):
         p.add_(u)
-        optimizer.state[p]["previous_update"] = u
-    if damping_due:
+    actual = float("nan")
+    if damping_due or options.step_rejection:
+        preconditioned = [p.grad.clone() for _, p in entries]
         with pre.paused(), torch.enable_grad():
             new_loss = closure()
         actual = float(new_loss.detach()) - float(loss.detach()) + l2_change
+        for (_, p), u in zip(entries, preconditioned):  # .grad holds U again, as after a plain step
+            p.grad = u
+    if damping_due:
         predicted = model_change(gram, linear, coefficients)
         state["rho"] = actual / predicted if predicted != 0 else float("nan")
         state["damping"] = updated_damping(damping, state["rho"], options)
-        pre.damping = state["damping"]
+    if options.step_rejection and not actual <= 0.0:  # h rose on its own batch (or is not finite)
+        _reject(entries, theta, state, step, damping, actual, options)
+    else:
+        for (_, p), u in zip(entries, update):
+            optimizer.state[p]["previous_update"] = u
+        state["rejected"] = 0
+    pre.damping = state["damping"]
     state["step"] = step + 1
     return loss
+
+
+def _reject(entries, theta: List[torch.Tensor], state: Dict[str, Any], step: int, damping: float,
+            actual: float, options: QuadraticModel) -> None:
+    """Undo a step whose update raised h on its own batch: the parameters go back to theta, the
+    previous update stays the last accepted one, lambda rises as for rho < 1/4 (once, also on a
+    damping step) and alpha, mu are re-solved at the next step. After ``warn_rejections`` rejected
+    steps in a row (and every as many more) a RuntimeWarning says that no progress is being made."""
+    for (_, p), t in zip(entries, theta):
+        p.copy_(t)
+    if options.damping:
+        state["damping"] = updated_damping(damping, float("nan"), options)
+    state.update(alpha=None, mu=None, rejected=state.get("rejected", 0) + 1)
+    state["rejections"] = state.get("rejections", 0) + 1
+    if state["rejected"] % options.warn_rejections == 0:
+        warnings.warn(f"kfac_cuda: {state['rejected']} quadratic-model steps in a row rejected (each raised the "
+                      f"loss on its own batch; the last, step {step}, by {actual:.3g}); parameters unchanged "
+                      f"since, damping now {state['damping']:.3g}: the optimizer is not making progress",
+                      RuntimeWarning)

@@ -21,6 +21,20 @@ is measured on the same batch, where M_0 is M without the lambda term (as kfac-j
     lambda <- omega lambda  if rho > 3/4,    lambda <- lambda / omega  if rho < 1/4,
 with omega = ``damping_decay`` < 1, then clipped to [min_damping, max_damping]. A non-finite rho
 counts as rho < 1/4.
+
+Step rejection (``step_rejection``, on by default; kfac-jax's ``use_step_rejection``): the
+quadratic model is only trusted where lambda |v|^2 keeps v short, and rho is only seen every T_1
+steps. Once rho > 3/4 has shrunk lambda far (it falls by omega every T_1 steps while the model is
+accurate on the measured batches), a single step whose batch GGN underestimates the loss' growth
+along v (e.g. cross-entropy at near-zero loss, whose curvature p(1 - p) vanishes) can raise the
+loss by orders of magnitude; the next gradients, directions and momentum inherit it and lambda,
+raised by 1/omega at most once per T_1 steps, cannot catch up. With step rejection, h(theta + v)
+is evaluated on the same batch at every step (one more closure call on the steps that are not
+damping steps) and an update with h(theta + v) > h(theta), or a non-finite h, is undone: theta is
+restored, the previous update stays the last accepted one, lambda <- lambda / omega (once per
+rejected step, also on a damping step; clipped to max_damping; unchanged when ``damping`` is
+off) and alpha, mu are re-solved at the next step. ``warn_rejections`` rejections in a row (and
+every as many more) raise a RuntimeWarning: the optimizer is then not making progress.
 """
 from __future__ import annotations
 
@@ -54,6 +68,11 @@ class QuadraticModel:
         damping_decay: omega_1 of the rule, in (0, 1) (Martens & Grosse: (19/20)^T_1).
         min_damping, max_damping: the clip range of lambda.
         loss_reduction: "mean" (the loss is divided by the batch size) or "sum".
+        step_rejection: undo an update that raises the objective on its own batch and raise
+            lambda (module docstring); costs one more closure call on steps that are not
+            damping steps. False is the paper's plain rule.
+        warn_rejections: warn (RuntimeWarning) after this many rejected steps in a row, and
+            every as many more.
     """
 
     loss: str
@@ -66,10 +85,14 @@ class QuadraticModel:
     min_damping: float = 1e-8
     max_damping: float = math.inf
     loss_reduction: str = "mean"
+    step_rejection: bool = True
+    warn_rejections: int = 10
 
     def __post_init__(self) -> None:
         check_loss(self.loss)
-        for name in ("interval", "damping_interval"):
+        if not isinstance(self.step_rejection, bool):
+            raise ValueError(f"QuadraticModel.step_rejection must be True or False, got {self.step_rejection!r}")
+        for name in ("interval", "damping_interval", "warn_rejections"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 1:
                 raise ValueError(f"QuadraticModel.{name} must be a positive integer, got {value!r}")

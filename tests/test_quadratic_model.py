@@ -60,7 +60,8 @@ def closure_for(opt, model, x):
 def test_lr_and_momentum_minimise_the_dense_quadratic_model(method: str, adapt_mu: bool) -> None:
     model, x = problem()
     momentum = 0.9
-    opt = make(model, method, group_momentum=momentum, momentum=adapt_mu, damping=False)
+    # step_rejection=False: every step is taken, so each one can be checked against the dense minimiser
+    opt = make(model, method, group_momentum=momentum, momentum=adapt_mu, damping=False, step_rejection=False)
     closure = closure_for(opt, model, x)
     lam = opt.preconditioner.damping
     for step in range(3):
@@ -106,7 +107,8 @@ def test_fixed_lr_and_momentum_is_momentum_sgd_on_the_preconditioned_gradient() 
 def test_levenberg_marquardt_damping_follows_the_rule(initial_damping: float) -> None:
     model, x = problem(1)
     decay, interval = 0.8, 2
-    opt = make(model, damping_interval=interval, damping_decay=decay)
+    # step_rejection=False: the paper's rule alone (tests/test_step_rejection.py adds rejection)
+    opt = make(model, damping_interval=interval, damping_decay=decay, step_rejection=False)
     opt.preconditioner.damping = initial_damping
     closure = closure_for(opt, model, x)
     lam, expected, observed = initial_damping, [], []
