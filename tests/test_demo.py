@@ -36,6 +36,17 @@ def test_demo_short_run_prints_table_and_saves_png(tmp_path: Path) -> None:
     assert (out / "results.json").is_file()
 
 
+def test_demo_runs_martens_grosse_on_the_classifier(tmp_path: Path) -> None:
+    from kfac_cuda.demo.cli import DEFAULT_METHODS
+
+    assert {"kfac-mg", "tekfac-mg"} <= set(DEFAULT_METHODS["classifier"])
+    proc = run_demo("--task", "classifier", "--methods", "kfac-mg,tekfac-mg", "--steps", "6", "--eval-every", "3",
+                    "--device", "cpu", "--out", str(tmp_path / "demo"), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    for row in ("classifier / kfac-mg", "classifier / tekfac-mg"):
+        assert row in proc.stdout
+
+
 def test_demo_bad_flag_exits_2_with_message() -> None:
     proc = run_demo("--methods", "sgd,lbfgs")
     assert proc.returncode == 2

@@ -18,10 +18,9 @@ from .train import RunResult, train
 #: Steps per task when ``--steps`` is not given (all methods, all tasks: a few minutes on 2 CPU cores).
 DEFAULT_STEPS = {"autoencoder": 600, "classifier": 300, "curves": 300}
 #: Methods per task when ``--methods`` is not given: Martens & Grosse's full algorithm (kfac-mg,
-#: tekfac-mg) on the deep autoencoder it was made for (on the digits CNN at batch 64 tekfac-mg
-#: diverges after ~230 steps: the quadratic model's momentum explodes once lambda is ~3e-4).
+#: tekfac-mg) on the CNN and on the deep autoencoder it was made for.
 DEFAULT_METHODS = {"autoencoder": ("sgd", "adamw", "kfac", "ekfac", "tkfac", "tekfac"),
-                   "classifier": ("sgd", "adamw", "kfac", "ekfac", "tkfac", "tekfac"),
+                   "classifier": ("sgd", "adamw", "kfac", "ekfac", "tkfac", "tekfac", "kfac-mg", "tekfac-mg"),
                    "curves": ("sgd", "adamw", "kfac", "tekfac", "kfac-mg", "tekfac-mg")}
 
 
