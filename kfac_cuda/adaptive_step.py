@@ -192,6 +192,6 @@ def _reject(entries, theta: List[torch.Tensor], state: Dict[str, Any], step: int
     state["rejections"] = state.get("rejections", 0) + 1
     if state["rejected"] % options.warn_rejections == 0:
         warnings.warn(f"kfac_cuda: {state['rejected']} quadratic-model steps in a row rejected (each raised the "
-                      f"loss on its own batch; the last, step {step}, by {actual:.3g}); parameters unchanged "
-                      f"since, damping now {state['damping']:.3g}: the optimizer is not making progress",
-                      RuntimeWarning)
+                      f"objective on its own batch or made it non-finite; the last, step {step}, by {actual:.3g}); "
+                      f"parameters unchanged since, damping now {state['damping']:.3g}: the optimizer is not "
+                      "making progress", RuntimeWarning)
