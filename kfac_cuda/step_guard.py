@@ -3,7 +3,7 @@ parameters changed shape, non-finite gradients and activations, and curvature or
 preconditioned gradients that an update would leave non-finite (then put back from a snapshot)."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -49,12 +49,15 @@ def nonfinite_inputs(grads: Dict[str, torch.Tensor], batches: Dict[str, LayerBat
     return nonfinite({k: torch.stack([torch.isfinite(t).all() for t in ts]).all() for k, ts in items.items() if ts})
 
 
-def nonfinite_curvature(layers: Layers, updated: Sequence[str], results) -> List[str]:
-    """Layers whose updated curvature or whose (U, <U, V>) is not finite (one host sync)."""
+def nonfinite_curvature(layers: Layers, updated: Sequence[str], results,
+                        state: Optional[Dict[str, torch.Tensor]] = None) -> List[str]:
+    """Layers whose updated curvature, whose (U, <U, V>) or whose pending optimizer ``state``
+    (per-layer finiteness flags, e.g. eigenbasis moments) is not finite (one host sync)."""
     items = {n: layers[n][1].finite() for n in updated}
-    for n, (U, dot) in results.items():
-        finite = torch.isfinite(U).all() & torch.isfinite(dot).all()
-        items[n] = items[n] & finite if n in items else finite
+    for flags in ({n: torch.isfinite(U).all() & torch.isfinite(dot).all() for n, (U, dot) in results.items()},
+                  state or {}):
+        for n, finite in flags.items():
+            items[n] = items[n] & finite if n in items else finite
     return nonfinite(items)
 
 
