@@ -50,6 +50,11 @@ GRIDS: Dict[str, Sequence[float]] = {
     "pre-kfac-sqrt-rel": (3e-3, 1e-2),
     "graft-kfac-sqrt": (3e-3, 1e-2),
     "graft-tekfac-sqrt": (3e-3, 1e-2),
+    "moments-kfac": (3e-3, 1e-2),
+    "moments-tkfac": (3e-3, 1e-2),
+    "moments-tekfac": (3e-3, 1e-2),
+    "moments-kfac-inv10": (3e-3, 1e-2),
+    "tekfac-opt-moments": (3e-3, 1e-2),
 }
 #: Curvature options of our methods: the library defaults' intervals, damping for a GPT.
 KFAC_OPTIONS = dict(damping=1e-3, factor_decay=0.95, factor_update_steps=10, inv_update_steps=100)
@@ -118,8 +123,20 @@ def build(method: str, model: torch.nn.Module, lr: float):
         if kind == "graft":
             return torch.optim.SGD(model.parameters(), lr=lr), pre
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), pre
+    if method.startswith("moments-"):
+        # "moments-<method>[-inv10]": Preconditioner with Adam's moments in the curvature's
+        # eigenbasis (SOAP's step) -> plain SGD; -inv10: bases refreshed every 10 steps, not 100
+        _, name, *flags = method.split("-")
+        if set(flags) - {"inv10"}:
+            raise ValueError(f"{method}: unknown suffix(es) {sorted(set(flags) - {'inv10'})}")
+        kw = dict(KFAC_OPTIONS, inv_update_steps=10) if "inv10" in flags else KFAC_OPTIONS
+        pre = kfac_cuda.Preconditioner(model, name, eigenbasis_moments="adam", **kw)
+        return torch.optim.SGD(model.parameters(), lr=lr), pre
     if method == "tekfac-opt":
         return kfac_cuda.TEKFAC(model, lr=lr, momentum=0.9, kl_clip=1e-3, **KFAC_OPTIONS), None
+    if method == "tekfac-opt-moments":  # the TEKFAC optimizer's own step with the option: lr * U
+        return kfac_cuda.TEKFAC(model, lr=lr, momentum=0.0, kl_clip=None, eigenbasis_moments="adam",
+                                **KFAC_OPTIONS), None
     raise ValueError(method)
 
 
@@ -143,6 +160,8 @@ def state_bytes(opt, pre) -> int:
         total += _tensor_bytes(list(buffers.values()))
         if getattr(precond, "grafting", None) is not None:  # the grafted Adam's per-layer moments
             total += _tensor_bytes(precond.grafting.moments)
+        if getattr(precond, "moments", None) is not None:  # Adam's moments in the eigenbasis
+            total += _tensor_bytes(precond.moments.moments)
     return total
 
 
