@@ -324,7 +324,7 @@ class Preconditioner:
             batches = self._batches(names) if due.capture else {}
             grads = {n: self.layers[n][0].grad_matrix() for n in names}
             if self.check_finite:
-                bad = step_guard.nonfinite_inputs(grads, batches, list(self.model_params.items()) +
+                bad = step_guard.nonfinite_inputs(batches, list(self.model_params.items()) +  # every layer's too
                                                   [(f"param #{i}", p) for i, p in enumerate(params or ())])
                 if not self.comm.all_true(not bad):
                     warnings.warn(f"kfac_cuda: non-finite gradient or activation at step {self.steps}"

@@ -34,11 +34,11 @@ def restore(layers: Layers, snapshots: Dict[str, dict]) -> None:
         layers[n][1].restore(snap)
 
 
-def nonfinite_inputs(grads: Dict[str, torch.Tensor], batches: Dict[str, LayerBatch],
-                     params: Iterable[Tuple[str, torch.Tensor]]) -> List[str]:
-    """Names of the non-finite layer gradients, captured activations and gradients of the named
-    ``params`` (one host sync)."""
-    items: Dict[str, List[torch.Tensor]] = {f"gradient of {n!r}": [g] for n, g in grads.items()}
+def nonfinite_inputs(batches: Dict[str, LayerBatch], params: Iterable[Tuple[str, torch.Tensor]]) -> List[str]:
+    """Names of the non-finite captured activations and gradients of the named ``params`` (one
+    host sync). The layers' gradient matrices are not checked again: they are copies of their
+    parameters' gradients, which ``params`` must hold (each is read once)."""
+    items: Dict[str, List[torch.Tensor]] = {}
     for n, b in batches.items():
         items[f"activations or output gradients of {n!r}"] = b.tensors()
     seen = set()
