@@ -5,8 +5,9 @@ front of AdamW and the TEKFAC optimizer, on text from Python's standard library.
     python bench/gpt_bench.py --seeds 3 --steps 300   # the README's table (see there for the grid)
 
 Every method of a seed starts from the same weights and sees the same batches (the batch
-order is drawn from the seed alone). Learning rates are chosen per method from ``--grid`` on
-seed 0 (lowest final validation loss), then every seed runs with it. The model is
+order is drawn from the seed alone). Learning rates are chosen per method from its grid in
+``GRIDS`` (or ``--grid``, one grid for every method) on seed 0 (lowest final validation loss),
+then every seed runs with it. The model is
 ``bench/gpt_models.NanoGPT`` (weight-tied lm_head; every parameter preconditioned). Reports:
 validation loss vs steps and vs training seconds (evaluation excluded), the steps and seconds
 to AdamW's final validation loss (median over seeds), per-step time and optimizer-state memory
@@ -50,6 +51,12 @@ GRIDS: Dict[str, Sequence[float]] = {
     "pre-kfac-sqrt-rel": (3e-3, 1e-2),
     "graft-kfac-sqrt": (3e-3, 1e-2),
     "graft-tekfac-sqrt": (3e-3, 1e-2),
+    "moments-kfac": (3e-3, 1e-2),
+    "moments-tkfac": (3e-3, 1e-2),
+    "moments-tekfac": (3e-3, 1e-2),
+    "moments-kfac-inv10": (3e-3, 1e-2),
+    "moments-tkfac-inv10": (3e-3, 1e-2),
+    "tekfac-opt-moments": (3e-3, 1e-2),
 }
 #: Curvature options of our methods: the library defaults' intervals, damping for a GPT.
 KFAC_OPTIONS = dict(damping=1e-3, factor_decay=0.95, factor_update_steps=10, inv_update_steps=100)
@@ -118,8 +125,21 @@ def build(method: str, model: torch.nn.Module, lr: float):
         if kind == "graft":
             return torch.optim.SGD(model.parameters(), lr=lr), pre
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), pre
+    if method.startswith("moments-"):
+        # "moments-<method>[-inv10]": Preconditioner with Adam's moments in the curvature's
+        # eigenbasis (SOAP's step) -> plain SGD; -inv10: bases refreshed every 10 steps, not 100
+        # (with the factors, which are updated every 10 steps)
+        _, name, *flags = method.split("-")
+        if set(flags) - {"inv10"}:
+            raise ValueError(f"{method}: unknown suffix(es) {sorted(set(flags) - {'inv10'})}")
+        kw = dict(KFAC_OPTIONS, inv_update_steps=10) if "inv10" in flags else KFAC_OPTIONS
+        pre = kfac_cuda.Preconditioner(model, name, eigenbasis_moments="adam", **kw)
+        return torch.optim.SGD(model.parameters(), lr=lr), pre
     if method == "tekfac-opt":
         return kfac_cuda.TEKFAC(model, lr=lr, momentum=0.9, kl_clip=1e-3, **KFAC_OPTIONS), None
+    if method == "tekfac-opt-moments":  # the TEKFAC optimizer's own step with the option: lr * U
+        return kfac_cuda.TEKFAC(model, lr=lr, momentum=0.0, kl_clip=None, eigenbasis_moments="adam",
+                                **KFAC_OPTIONS), None
     raise ValueError(method)
 
 
@@ -143,6 +163,8 @@ def state_bytes(opt, pre) -> int:
         total += _tensor_bytes(list(buffers.values()))
         if getattr(precond, "grafting", None) is not None:  # the grafted Adam's per-layer moments
             total += _tensor_bytes(precond.grafting.moments)
+        if getattr(precond, "moments", None) is not None:  # Adam's moments in the eigenbasis
+            total += _tensor_bytes(precond.moments.moments)
     return total
 
 
@@ -217,6 +239,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--val-batches", type=int, default=4)
     p.add_argument("--no-tune", action="store_true", help="use each grid's first learning rate")
+    p.add_argument("--grid", default=None, help="comma-separated learning rates tuned for every method "
+                   "(default: each method's grid in GRIDS)")
     p.add_argument("--out", type=Path, default=Path("out/gpt_bench.json"))
     p.add_argument("--plot", type=Path, default=None, help="PNG of validation loss vs steps and seconds")
     p.add_argument("--combine", type=Path, nargs="+", default=None,
@@ -242,8 +266,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"torch {torch.__version__}, 1 thread")
     started = time.perf_counter()
     lrs, tuning, seed0 = {}, {}, {}
+    common = None if args.grid is None else tuple(float(v) for v in args.grid.split(","))
     for m in methods:
-        grid = GRIDS[m]
+        grid = GRIDS[m] if common is None else common
         if args.no_tune:
             lrs[m] = grid[0]
             continue

@@ -79,6 +79,9 @@ def check_supported(quadratic_model: QuadraticModel, kl_clip: Optional[float], o
     if reduction != quadratic_model.loss_reduction:
         raise ValueError(f"loss_reduction={reduction!r} but QuadraticModel.loss_reduction="
                          f"{quadratic_model.loss_reduction!r}: both describe the same loss")
+    if options.get("eigenbasis_moments") is not None:
+        raise ValueError("quadratic_model adapts the damping and step of the curvature's own step; with "
+                         "eigenbasis_moments the step is Adam's and uses no damping: pass eigenbasis_moments=None")
     if options.get("loss_terms", "examples") != "examples":
         raise ValueError("quadratic_model supports loss_terms='examples' only (its loss is divided by the "
                          "batch size, not by the number of tokens)")

@@ -89,6 +89,11 @@ class KFACCurvature:
         self.buffers["eA"], self.buffers["QA"] = input_eig
         self.buffers["eG"], self.buffers["QG"] = output_eig
 
+    def eigenbasis(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(Q_G, Q_A): the output- and input-side eigenbases (None where a side's basis is the
+        identity: a diagonal or identity side of a wide layer, an embedding's vocabulary side)."""
+        return self.buffers["QG"], self.buffers["QA"]
+
     def kronecker_eigenvalues(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(output side, input side) eigenvalues whose outer product is the undamped
         Kronecker approximation's spectrum in the current basis."""

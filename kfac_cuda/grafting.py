@@ -48,9 +48,7 @@ class Grafting:
 
     def __init__(self, kind: str, *, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         self.kind = options.choice("grafting", kind, GRAFTING)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"grafting_betas must be a pair (beta1, beta2), got {betas!r}")
-        self.betas = (options.decay("grafting_betas[0]", betas[0]), options.decay("grafting_betas[1]", betas[1]))
+        self.betas = options.betas("grafting_betas", betas)
         self.eps = options.real("grafting_eps", eps, low=0.0, low_open=True)
         self.moments: Dict[str, dict] = {}  # layer -> {"step": int, "m": tensor, "v": tensor}
 

@@ -50,6 +50,10 @@ class _KroneckerOptimizer(Optimizer):
             **options: passed to :class:`kfac_cuda.Preconditioner` (damping, factor_decay,
                 factor_update_steps, inv_update_steps, scale_update_steps, damping_style,
                 fisher, weight_sharing, loss_reduction, backend, skip_modules, ...).
+                ``eigenbasis_moments="adam"`` (SOAP's Adam step in the curvature's eigenbasis,
+                kfac_cuda/eigen_moments.py) needs ``kl_clip=None``; with ``momentum=0`` the
+                optimizer's step is exactly lr * U, SOAP's (Adam's first moment already is a
+                momentum); a momentum > 0 adds a second one.
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"kfac_cuda.{type(self).__name__} takes the model, not {type(model).__name__}: "

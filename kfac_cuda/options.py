@@ -68,6 +68,13 @@ def decay(name: str, value: Any) -> float:
     return real(name, value, low=0.0, high=1.0, high_open=True)
 
 
+def betas(name: str, value: Any) -> tuple:
+    """A pair (beta1, beta2) of EMA weights, each in [0, 1)."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name} must be a pair (beta1, beta2), got {value!r}")
+    return (decay(f"{name}[0]", value[0]), decay(f"{name}[1]", value[1]))
+
+
 def learning_rate(value: LrArg, name: str = "lr") -> LrArg:
     """None, a callable (param -> lr), or a finite number >= 0."""
     if value is None or callable(value):

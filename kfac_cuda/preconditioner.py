@@ -12,10 +12,13 @@ Order within ``step()`` (TEKFAC paper, Algorithm 1, and George et al. 2018):
    new basis' Kronecker spectrum (``scale_restart``), never from scales of the old basis;
 4. on other scale-update steps (``scale_update_steps``) the scales' EMAs take the batch;
 5. each layer's gradient is preconditioned, optionally KL-clipped (Ba et al. 2017):
-   nu = min(1, sqrt(kl_clip / sum_layers lr^2 <U, V>)), U <- nu U.
+   nu = min(1, sqrt(kl_clip / sum_layers lr^2 <U, V>)), U <- nu U; with ``eigenbasis_moments``
+   it is instead Adam's step in the layer's (possibly just refreshed) eigenbasis
+   (kfac_cuda/eigen_moments.py).
 Steps 2-5 are a transaction: the touched layers' curvature is snapshotted first and put back
-when an update would leave a factor, scale, basis or U non-finite, or when a layer's first
-eigendecomposition fails; the step is then skipped with a warning naming the layers.
+when an update would leave a factor, scale, basis, U or a pending moment (grafting, eigenbasis
+moments) non-finite, or when a layer's first eigendecomposition fails; the step is then skipped
+with a warning naming the layers, and no moment changes.
 Hooks capture inputs and output gradients only on steps that update factors or scales.
 """
 from __future__ import annotations
@@ -35,6 +38,7 @@ from .comm import LocalComm, OutputSpec
 from .curvature import CURVATURES, ScaleMixin
 from .distributed import default_comm
 from .blocks import WIDE_SIDE
+from .eigen_moments import check_compatible, make_moments
 from .exponent import check_exponent
 from .grafting import DAMPING_MODES, make_grafting, relative_damping
 from .layers import Conv2dAdapter
@@ -103,6 +107,13 @@ class Preconditioner:
             and ``grafting_eps``, are kept in the state_dict). See kfac_cuda/grafting.py.
         damping_mode: "absolute" (default): ``damping`` is lambda; "relative": layer l uses
             lambda_l = damping * mean eigenvalue of its curvature block (replaces adaptive_damping).
+        eigenbasis_moments: None (default) or "adam": SOAP's step in the curvature's eigenbasis,
+            U = Q_G [m^ / (sqrt(v^) + moment_eps)] Q_A^T with Adam's moments m, v (``moment_betas``,
+            default SOAP's (0.9, 0.95)) of the rotated gradient Q_G^T V Q_A, kept in the state_dict
+            and carried through basis refreshes (see kfac_cuda/eigen_moments.py). The curvature
+            gives only the basis: EKFAC/TEKFAC scales are not estimated (their steps equal
+            K-FAC's/TKFAC's); exponent, grafting, damping_mode="relative", damping_style="factored"
+            and kl_clip are refused. Follow it with plain SGD (the step's size is Adam's).
         comm: what the step asks of the process group: ``kfac_cuda.DistributedComm(...)`` (see
             kfac_cuda.distributed) or ``kfac_cuda.LocalComm()`` (this process alone). Default:
             ``DistributedComm()`` when torch.distributed is initialised with more than one rank
@@ -145,6 +156,9 @@ class Preconditioner:
         grafting_betas: Tuple[float, float] = (0.9, 0.999),
         grafting_eps: float = 1e-8,
         damping_mode: str = "absolute",
+        eigenbasis_moments: Optional[str] = None,
+        moment_betas: Tuple[float, float] = (0.9, 0.95),
+        moment_eps: float = 1e-8,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"kfac_cuda: the first argument must be the model (an nn.Module), got "
@@ -161,6 +175,7 @@ class Preconditioner:
         self.exponent = check_exponent(exponent)
         self.grafting = make_grafting(grafting, betas=grafting_betas, eps=grafting_eps)
         self.damping_mode = options.choice("damping_mode", damping_mode, DAMPING_MODES)
+        self.moments = make_moments(eigenbasis_moments, betas=moment_betas, eps=moment_eps)
         self.wide_side = options.choice("wide_side", wide_side, WIDE_SIDE)
         if batch_dim not in (0, 1) or isinstance(batch_dim, bool):
             raise ValueError(f"batch_dim must be 0 (batch-first) or 1 (sequence-first), got {batch_dim!r}")
@@ -177,6 +192,9 @@ class Preconditioner:
         self.kl_clip = options.optional(options.real, "kl_clip", kl_clip, low=0.0, low_open=True)
         max_factor_dim = options.positive_int("max_factor_dim", max_factor_dim)
         self.lr = options.learning_rate(lr)
+        if self.moments is not None:
+            check_compatible(exponent=self.exponent, grafting=self.grafting, damping_mode=self.damping_mode,
+                             damping_style=self.damping_style, kl_clip=self.kl_clip)
         self.adaptive_damping = options.flag("adaptive_damping", adaptive_damping)
         self.check_finite = options.flag("check_finite", check_finite)
         self.grad_scaler = grad_scaler
@@ -187,7 +205,7 @@ class Preconditioner:
         self.steps = 0
         self._paused = False
         self.schedule = Schedule(self.factor_update_steps, self.inv_update_steps, self.scale_update_steps,
-                                 issubclass(CURVATURES[self.method], ScaleMixin))
+                                 issubclass(CURVATURES[self.method], ScaleMixin) and self.moments is None)
         self.layers: Layers
         self.unsupported: List[Tuple[str, str]]
         optimised = None if parameters is None else {id(p) for p in parameters}
@@ -306,7 +324,7 @@ class Preconditioner:
             batches = self._batches(names) if due.capture else {}
             grads = {n: self.layers[n][0].grad_matrix() for n in names}
             if self.check_finite:
-                bad = step_guard.nonfinite_inputs(grads, batches, list(self.model_params.items()) +
+                bad = step_guard.nonfinite_inputs(batches, list(self.model_params.items()) +  # every layer's too
                                                   [(f"param #{i}", p) for i, p in enumerate(params or ())])
                 if not self.comm.all_true(not bad):
                     warnings.warn(f"kfac_cuda: non-finite gradient or activation at step {self.steps}"
@@ -316,6 +334,7 @@ class Preconditioner:
             touched = (any(due)
                        or any(not self.layers[n][1].has_basis for n in names))  # else the curvature is read only
             snapshots = step_guard.snapshot(self.layers, names if touched else [])
+            bases_before = self.moments.bases(self.layers, names) if self.moments is not None else {}
             try:
                 without_basis = update_curvature(self.layers, names, batches, due, self.comm,
                                                  factor_decay=self.factor_decay, scale_decay=self.scale_decay,
@@ -329,11 +348,16 @@ class Preconditioner:
                               f"there is no basis to precondition with: step {self.steps} skipped, curvature "
                               "and gradients left untouched (retried on the next step)", RuntimeWarning)
                 return False
-            results = self._precondition(names, grads)
+            pending_moments = {}
+            if self.moments is not None:
+                results, pending_moments = self.moments.propose(self.layers, names, grads, bases_before)
+            else:
+                results = self._precondition(names, grads)
             if self.grafting is not None:
                 results, grafted_moments = self.grafting.propose(results, grads)
             if self.check_finite:
-                bad = step_guard.nonfinite_curvature(self.layers, list(snapshots), results)
+                bad = step_guard.nonfinite_curvature(self.layers, list(snapshots), results,
+                                                     self.moments.finite(pending_moments) if pending_moments else None)
                 if not self.comm.all_true(not bad):
                     step_guard.restore(self.layers, snapshots)
                     warnings.warn(f"kfac_cuda: the curvature or preconditioned gradient of layer(s) "
@@ -344,6 +368,8 @@ class Preconditioner:
             self._write_back(results, lrs)
             if self.grafting is not None:
                 self.grafting.commit(grafted_moments)
+            if self.moments is not None:
+                self.moments.commit(pending_moments)
             self.steps += 1
             return True
         finally:
@@ -373,10 +399,12 @@ class Preconditioner:
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to resume exactly: factors, bases, scales, counters (and the grafted
-        optimizer's moments with ``grafting``)."""
+        optimizer's moments with ``grafting``, the eigenbasis moments with ``eigenbasis_moments``)."""
         state = curvature_state(self.method, self.steps, {n: c for n, (_, c) in self.layers.items()})
         if self.grafting is not None:
             state["grafting"] = self.grafting.state_dict()
+        if self.moments is not None:
+            state["eigenbasis_moments"] = self.moments.state_dict()
         return state
 
     def prepare_load(self, state: dict) -> Callable[[], None]:
@@ -391,10 +419,19 @@ class Preconditioner:
                 state["grafting"], {n: tuple(c.grad_shape) for n, (_, c) in self.layers.items()})
         elif "grafting" in state:
             raise ValueError("checkpoint has a grafting state, the Preconditioner has grafting=None")
+        load_moments = lambda: None  # noqa: E731
+        if self.moments is not None:
+            if "eigenbasis_moments" not in state:
+                raise ValueError(f"checkpoint has no eigenbasis_moments state, the Preconditioner has "
+                                 f"eigenbasis_moments={self.moments.kind!r}")
+            load_moments = self.moments.prepare_load(state["eigenbasis_moments"], self.layers)
+        elif "eigenbasis_moments" in state:
+            raise ValueError("checkpoint has an eigenbasis_moments state, the Preconditioner has eigenbasis_moments=None")
 
         def apply() -> None:
             self.steps = load()
             load_grafting()
+            load_moments()
 
         return apply
 

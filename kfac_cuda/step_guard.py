@@ -3,7 +3,7 @@ parameters changed shape, non-finite gradients and activations, and curvature or
 preconditioned gradients that an update would leave non-finite (then put back from a snapshot)."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -34,11 +34,11 @@ def restore(layers: Layers, snapshots: Dict[str, dict]) -> None:
         layers[n][1].restore(snap)
 
 
-def nonfinite_inputs(grads: Dict[str, torch.Tensor], batches: Dict[str, LayerBatch],
-                     params: Iterable[Tuple[str, torch.Tensor]]) -> List[str]:
-    """Names of the non-finite layer gradients, captured activations and gradients of the named
-    ``params`` (one host sync)."""
-    items: Dict[str, List[torch.Tensor]] = {f"gradient of {n!r}": [g] for n, g in grads.items()}
+def nonfinite_inputs(batches: Dict[str, LayerBatch], params: Iterable[Tuple[str, torch.Tensor]]) -> List[str]:
+    """Names of the non-finite captured activations and gradients of the named ``params`` (one
+    host sync). The layers' gradient matrices are not checked again: they are copies of their
+    parameters' gradients, which ``params`` must hold (each is read once)."""
+    items: Dict[str, List[torch.Tensor]] = {}
     for n, b in batches.items():
         items[f"activations or output gradients of {n!r}"] = b.tensors()
     seen = set()
@@ -49,12 +49,15 @@ def nonfinite_inputs(grads: Dict[str, torch.Tensor], batches: Dict[str, LayerBat
     return nonfinite({k: torch.stack([torch.isfinite(t).all() for t in ts]).all() for k, ts in items.items() if ts})
 
 
-def nonfinite_curvature(layers: Layers, updated: Sequence[str], results) -> List[str]:
-    """Layers whose updated curvature or whose (U, <U, V>) is not finite (one host sync)."""
+def nonfinite_curvature(layers: Layers, updated: Sequence[str], results,
+                        state: Optional[Dict[str, torch.Tensor]] = None) -> List[str]:
+    """Layers whose updated curvature, whose (U, <U, V>) or whose pending optimizer ``state``
+    (per-layer finiteness flags, e.g. eigenbasis moments) is not finite (one host sync)."""
     items = {n: layers[n][1].finite() for n in updated}
-    for n, (U, dot) in results.items():
-        finite = torch.isfinite(U).all() & torch.isfinite(dot).all()
-        items[n] = items[n] & finite if n in items else finite
+    for flags in ({n: torch.isfinite(U).all() & torch.isfinite(dot).all() for n, (U, dot) in results.items()},
+                  state or {}):
+        for n, finite in flags.items():
+            items[n] = items[n] & finite if n in items else finite
     return nonfinite(items)
 
 

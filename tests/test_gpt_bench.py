@@ -13,11 +13,11 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
     out = tmp_path / "gpt.json"
     threads = gpt_bench.torch.get_num_threads()
     try:
-        assert gpt_bench.main(["--quick", "--methods", "adamw,pre-tekfac-sqrt", "--out", str(out)]) == 0
+        assert gpt_bench.main(["--quick", "--methods", "adamw,pre-tekfac-sqrt,moments-kfac", "--out", str(out)]) == 0
     finally:
         gpt_bench.torch.set_num_threads(threads)
     report = json.loads(out.read_text())
-    assert set(report["summary"]) == {"adamw", "pre-tekfac-sqrt"}
+    assert set(report["summary"]) == {"adamw", "pre-tekfac-sqrt", "moments-kfac"}
     for method, runs in report["runs"].items():
         first, last = runs[0]["curve"][0][2], runs[0]["curve"][-1][2]
         assert last < first, method

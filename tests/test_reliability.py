@@ -161,6 +161,22 @@ def test_preconditioner_alone_checks_every_parameter_of_its_model():
     assert pre.steps == 0 and all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
 
 
+def test_the_finiteness_check_reads_each_parameter_gradient_once(monkeypatch):
+    """A step that captures nothing checks the model's gradients once each (the layers' gradient
+    matrices are copies of them), then each layer's U and <U, V>: no duplicate work per step."""
+    model = mlp(norm=False)
+    pre = kfac_cuda.Preconditioner(model, "kfac", factor_update_steps=10, inv_update_steps=10, backend="torch")
+    backward(model, *batch(0))
+    assert pre.step()
+    backward(model, *batch(1))
+    calls = []
+    real = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: calls.append(t.shape) or real(t))
+    assert pre.step()
+    params, layers = len(list(model.parameters())), len(pre.layers)
+    assert len(calls) == params + 2 * layers
+
+
 # --- curvature that would overflow ------------------------------------------------------------
 @pytest.mark.parametrize("method", METHODS)
 def test_huge_activations_are_refused_and_training_continues(method):

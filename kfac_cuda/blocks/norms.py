@@ -116,6 +116,10 @@ class DiagonalCurvature:
     def has_basis(self) -> bool:
         return self.ready
 
+    def eigenbasis(self) -> Tuple[None, None]:
+        """A diagonal block's eigenbasis is the identity on both sides."""
+        return None, None
+
     def update_scales(self, batch, decay: float, fresh: bool, restart: str = "kronecker") -> None:
         """D is refreshed with the factors; nothing else to re-estimate."""
 

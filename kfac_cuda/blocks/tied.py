@@ -159,6 +159,12 @@ class TiedUse:
     def has_basis(self) -> bool:
         return self.shared.buffers["QX"] is not None
 
+    def eigenbasis(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(output side, input side) of this use's gradient: (Q_Y, Q_X) for the head (vocab x d),
+        (Q_X, Q_Y) for the embedding (d x vocab); Q_Y is None (identity) on a diagonal vocabulary side."""
+        b = self.shared.buffers
+        return (b["QY"], b["QX"]) if self.role == "head" else (b["QX"], b["QY"])
+
     def update_scales(self, batch, decay: float, fresh: bool, restart: str = "kronecker") -> None:
         """The scales follow the factors (set with the bases)."""
 
