@@ -21,12 +21,13 @@ Assumptions (H100 SXM5, sm_90):
   scalar 16-bit staging) issue-bound at about 820 clk per 64x64x32 slab (staging ~50
   instructions per element pair dominate), factor 3xTF32 (fp32 or weighted rows: 48 HMMA plus
   the hi/lo splits per warp and slab) issue-bound at about 600 clk per 64x64x16 slab,
-  precondition 3xTF32 (4 warps, 128x64 tiles, split K below 264 tiles) issue-bound at 440 clk
-  per 128x64x8 block-slice (its 48 HMMA need 208 at the TF32 peak), next slice prefetched
-  into registers so the exposed latency overlaps the slice's compute, conv
+  precondition 3xTF32 (4 warps, 128x64 tiles, split K for >= 264 evenly spread blocks) at 440
+  clk of issue per 128x64x8 block-slice (its 48 HMMA need 208 at the TF32 peak), the next slice
+  prefetched into registers, so each group of 3 resident blocks pays max(issue, ~1500 clk
+  latency) per slice: latency-bound, since 3 x 440 / 0.85 is about 1550, conv
   issue-bound at 4434 clk per slice (index divisions); all divided by 0.85 for scheduling
   losses. An SM with too few blocks to hide it pays an exposed global latency of ~1500 clk
-  per slice (no prefetch in these kernels).
+  per slice (no prefetch in these kernels but precondition's).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@
 // tensor-core work (plus 4 FADD per fragment and step).
 //
 // Warp (wm, wn) owns the 64 x 32 sub-tile at (64 wm, 32 wn): 4 (m16) x 4 (n8) accumulators,
-// 64 fp32 registers per lane. The K loop stages a 128 x 16 slice of A and a 16 x 64 slice of B
+// 64 fp32 registers per lane. The K loop stages a 128 x 8 slice of A and an 8 x 64 slice of B
 // per iteration as hi and lo planes; the next slice is read from global memory into registers
 // while the tensor cores work on the current one (register double buffering: one shared
 // buffer, two barriers per slice, no cp.async).
@@ -127,7 +127,7 @@ __device__ __forceinline__ void store_slice(Smem<AKF, BKF>& s, const Staged& st)
     }
 }
 
-// acc[i][j] (m16n8 C fragment of warp tile row i, column j) += the slice's two k8 steps.
+// acc[i][j] (m16n8 C fragment of warp tile row i, column j) += the slice's k8 step(s).
 template <bool AKF, bool BKF>
 __device__ __forceinline__ void mma_slice(float (&acc)[MT][NT][4], Smem<AKF, BKF>& s, int wm, int wn, int g,
                                           int t) {
