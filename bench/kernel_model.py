@@ -20,10 +20,14 @@ Assumptions (H100 SXM5, sm_90):
   per 64x64x16 slab (the sm<80 fallback, not modelled below), factor mma (ldmatrix + mma.sync,
   scalar 16-bit staging) issue-bound at about 820 clk per 64x64x32 slab (staging ~50
   instructions per element pair dominate), factor 3xTF32 (fp32 or weighted rows: 48 HMMA plus
-  the hi/lo splits per warp and slab) issue-bound at about 600 clk per 64x64x16 slab, conv
+  the hi/lo splits per warp and slab) issue-bound at about 600 clk per 64x64x16 slab,
+  precondition 3xTF32 (4 warps, 128x64 tiles, split K for >= 264 evenly spread blocks) at 440
+  clk of issue per 128x64x8 block-slice (its 48 HMMA need 208 at the TF32 peak), the next slice
+  prefetched into registers, so each group of 3 resident blocks pays max(issue, ~1500 clk
+  latency) per slice: latency-bound, since 3 x 440 / 0.85 is about 1550, conv
   issue-bound at 4434 clk per slice (index divisions); all divided by 0.85 for scheduling
   losses. An SM with too few blocks to hide it pays an exposed global latency of ~1500 clk
-  per slice (no prefetch in these kernels).
+  per slice (no prefetch in these kernels but precondition's).
 """
 from __future__ import annotations
 
@@ -51,6 +55,16 @@ FACTOR_SIMT = (1044, 16)
 FACTOR_MMA = (820, 32)
 FACTOR_TF32 = (600, 16)
 CONV = (4434, 16)
+# precondition's 3xTF32 GEMM (csrc/tf32_gemm.cuh), per 128x64x8 block-slice: issue-bound at the
+# 421-475-instruction hot loop (440 taken) of each of the block's 4 warps (one per SM
+# sub-partition, 1 instruction per clock each; bench/kernel_sass.py: 48 HMMA, 48 LDS, 64 FADD
+# adding each k8 step's fresh fragment to the sum, the rest staging: 12 scalar loads with
+# their address math, the hi/lo split, 24 STS); its 48 HMMA alone would take 48 x 4.3 = 208 clk
+# at the dense TF32 peak. 168 registers -> 3 resident blocks per SM.
+PRECONDITION_TF32 = (440, 8)
+PRECONDITION_TILE = (128, 64)
+# split K until >= 264 blocks spread >= 90 % evenly over the SMs; >= 64 K per split, <= 16 splits
+PRECONDITION_SPLIT = (264, 64, 16, 0.9)
 
 
 def ceil(a: float, b: float) -> int:
@@ -70,13 +84,15 @@ def reference_gemm(M: int, N: int, K: int, tf32: bool) -> float:
     return max(LAUNCH, 2.0 * M * N * K / (peak * fill) + 4.0 * (M * K + K * N + M * N) / HBM)
 
 
-def tiled_kernel(blocks: int, slices_per_block: int, clk: int, resident: int = 4) -> float:
+def tiled_kernel(blocks: int, slices_per_block: int, clk: int, resident: int = 4, prefetch: bool = False) -> float:
     """Blocks of `slices_per_block` K-slices at `clk` each: the busiest SM runs ceil(blocks/SMs)
     of them, limited by its issue/shared-memory throughput, or, with too few resident blocks to
-    hide it, by the exposed global latency of each slice."""
+    hide it, by the exposed global latency of each slice (overlapped with the slice's compute
+    when the kernel prefetches the next slice into registers)."""
     per_sm = ceil(blocks, SMS)
     busy = per_sm * clk / REALISM
-    latency = ceil(per_sm, resident) * (clk / REALISM + EXPOSED_LATENCY)
+    per_slice = EXPOSED_LATENCY if prefetch else clk / REALISM + EXPOSED_LATENCY
+    latency = ceil(per_sm, resident) * per_slice
     return max(LAUNCH, slices_per_block * max(busy, latency) / CLOCK)
 
 
@@ -103,10 +119,29 @@ def factor(n: int, d: int, elt: int, weighted: bool) -> Tuple[float, float, floa
     return kernel, refs[0], refs[1]
 
 
+def precondition_gemm(M: int, N: int, K: int) -> float:
+    """One 3xTF32 GEMM of csrc/precondition.cu with its split-K plan (plan_gemm there) and, when
+    split, the reduction pass (reads splits partial tiles, writes the result)."""
+    tiles = ceil(M, PRECONDITION_TILE[0]) * ceil(N, PRECONDITION_TILE[1])
+    target, min_k, max_splits, balance = PRECONDITION_SPLIT
+    splits, best = 1, -1.0
+    for s in range(1, min(max_splits, max(1, K // min_k)) + 1):  # plan_gemm in csrc/precondition.cu
+        blocks = tiles * s
+        score = min(1.0, blocks / target) * blocks / (ceil(blocks, SMS) * SMS)
+        if score > best:
+            splits, best = s, score
+        if score >= balance:
+            break
+    clk, bk = PRECONDITION_TF32
+    chunk = ceil(ceil(K, splits), bk) * bk
+    splits = ceil(K, chunk)
+    t = tiled_kernel(tiles * splits, ceil(chunk, bk), clk, resident=3, prefetch=True)
+    return t + (elementwise(4.0 * M * N * (splits + 1)) if splits > 1 else 0.0)
+
+
 def precondition(d_out: int, d_in: int, elt: int) -> Tuple[float, float, float]:
-    grid = ceil(d_out, 64) * ceil(d_in, 64)
-    kernel = sum(tiled_kernel(grid, ceil(K, 16), GEMM_TILE[0]) for K in (d_out, d_in, d_out, d_in))
-    kernel += elementwise(4.0 * grid)  # partial sums
+    kernel = sum(precondition_gemm(d_out, d_in, K) for K in (d_out, d_in, d_out, d_in))
+    kernel += LAUNCH  # the dot's partial sums
     refs = []
     for tf32 in (False, True):
         t = sum(reference_gemm(d_out, d_in, K, tf32) for K in (d_out, d_in, d_out, d_in))

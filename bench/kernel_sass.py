@@ -56,7 +56,7 @@ def _run(tool: str, *args: str) -> str:
 
 
 def short_name(mangled: str) -> str:
-    """Readable label of a mangled kernel name: `factor_mma_kernel<bf16>`, `gemm_kernel<StoreDot,bf16>`."""
+    """Readable label of a mangled kernel name: `factor_mma_kernel<bf16>`, `tf32_gemm_kernel<StoreScaled>`."""
     name = mangled
     for i in range(len(mangled)):  # Itanium mangling: <length><identifier>, after a hash's digits too
         digits = re.match(r"\d+", mangled[i:])
@@ -65,7 +65,7 @@ def short_name(mangled: str) -> str:
             name = ident
             break
     rest = mangled.split(name, 1)[-1]
-    tags = [t for t in ("StorePlain", "StoreScaled", "StoreDot") if t in rest]
+    tags = [t for t in ("StorePlain", "StoreScaled", "StoreSplit") if t in rest]
     tags += (["bf16"] if "__nv_bfloat16" in rest else ["fp16"] if "6__half" in rest
              else ["fp32"] if rest.startswith("IfE") else [])
     if name == "reduce_splits_kernel":

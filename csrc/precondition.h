@@ -23,11 +23,13 @@ struct PreconditionArgs {
     int d_in;
 };
 
-// Number of per-block dot partials (the tail of the workspace).
+// Number of dot partial sums (the workspace slot after the d_out x d_in intermediate).
 int precondition_partials(int d_out, int d_in);
-// Workspace size in floats: d_out * d_in + precondition_partials(d_out, d_in).
+// Workspace size in floats: d_out * d_in + precondition_partials(d_out, d_in) + the split-K
+// partial tiles (splits * d_out * d_in for the most-split GEMM; 0 when no GEMM is split). A
+// function of the shape alone.
 int64_t precondition_workspace_floats(int d_out, int d_in);
-// Enqueues the kernels on `stream`; returns the first launch error (cudaSuccess otherwise).
+// Enqueues the kernels on `stream` (sm_80+ only: 3xTF32 tensor cores); returns the first launch error (cudaSuccess otherwise).
 cudaError_t precondition_launch(const PreconditionArgs& args, cudaStream_t stream);
 
 }  // namespace kfac

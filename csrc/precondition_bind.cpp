@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <stdexcept>
 #include <string>
 
 #include "cuda_check.h"
@@ -72,6 +73,11 @@ void precondition(py::object grad_obj, py::object qg_obj, py::object qa_obj, py:
     args.d_out = int(d_out);
     args.d_in = int(d_in);
     DeviceGuard guard(dev);
+    int major = 0;
+    KFAC_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    if (major < 8)  // the kernel is 3xTF32 mma.sync only (csrc/precondition.cu)
+        throw std::runtime_error("precondition: the CUDA kernel needs tensor cores (compute capability 8.0+), device " +
+                                 std::to_string(dev) + " has " + std::to_string(major) + ".x; use backend='torch'");
     KFAC_CUDA_CHECK(precondition_launch(args, reinterpret_cast<cudaStream_t>(stream_handle)));
 }
 

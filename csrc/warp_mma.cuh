@@ -73,6 +73,20 @@ __device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (
 #endif
 }
 
+// d = A B (zero accumulator input), m16n8k8, A/B tf32: starts a fresh partial sum.
+__device__ __forceinline__ void mma_m16n8k8_tf32_zero(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__)
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %10, %10, %10};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(0.0f));
+#elif defined(KFAC_CUDA_EMULATION)
+  d[0] = d[1] = d[2] = d[3] = 0.0f;
+  ::emu::mma_m16n8k8_tf32(d, a, b);
+#endif
+}
+
 // cvt.rna.tf32.f32 (PTX ISA, section "cvt"): round to nearest, ties away from zero, to a
 // 10-bit mantissa; the result is an fp32 bit pattern with the low 13 bits zero.
 __device__ __forceinline__ uint32_t to_tf32(float x) {

@@ -115,7 +115,11 @@ def test_precondition_devices_must_match():
 def test_precondition_workspace_size_is_validated():
     with pytest.raises(ValueError):
         ext().precondition_workspace_size(0, 3)
-    assert ext().precondition_workspace_size(65, 3) == 65 * 3 + 2
+    # W (d_out x d_in) + the dot partials (one 128 x 64 tile; K <= 65 is never split)
+    assert ext().precondition_workspace_size(65, 3) == 65 * 3 + 1
+    # 33 x 130: GEMMs 2 and 4 (K = 130, 3 tiles) split K in two: 2 partial tiles of 33 x 130,
+    # and the split reduction's 17 blocks (ceil(4290 / 256)) each leave a dot partial
+    assert ext().precondition_workspace_size(33, 130) == 33 * 130 + 17 + 2 * 33 * 130
 
 
 # --- scale accumulation ------------------------------------------------------------------

@@ -20,12 +20,14 @@ import kernel_sass  # noqa: E402
 
 # kernel -> (max registers per thread, hot-loop compute fraction floor). Budgets: 65536
 # registers per SM; factor_mma 128 threads x 96 -> 5 blocks (20 warps); factor_simt 256 x 48
-# -> 5 blocks; gemm_tile users 256 x 64 -> 4 blocks; scale kernels 256 x 80 -> 3 blocks.
+# -> 5 blocks; gemm_tile users 256 x 64 -> 4 blocks; scale kernels 256 x 80 -> 3 blocks;
+# tf32_gemm (precondition) 128 x 168 -> 3 blocks (12 warps; __launch_bounds__(128, 3)).
 BUDGETS = {
     "factor_mma_kernel": (96, 0.04),
     "factor_tf32_kernel": (96, 0.075),
     "factor_simt_kernel": (48, 0.24),
-    "gemm_kernel": (64, 0.45),
+    "tf32_gemm_kernel": (168, 0.25),
+    "split_epilogue_kernel": (40, 0.0),
     "scale_rows_kernel": (80, 0.45),
     "scale_shared_kernel": (80, 0.45),
     "conv_factor_kernel": (64, 0.12),
@@ -35,7 +37,7 @@ BUDGETS = {
 }
 # tensor-core kernel -> whether its fragments must come through ldmatrix (16-bit operands;
 # tf32 fragments are 32-bit and load with LDS)
-TENSOR_CORE_KERNELS = {"factor_mma_kernel": True, "factor_tf32_kernel": False}
+TENSOR_CORE_KERNELS = {"factor_mma_kernel": True, "factor_tf32_kernel": False, "tf32_gemm_kernel": False}
 
 
 @pytest.fixture(scope="module")

@@ -98,7 +98,7 @@ bool symmetric(const std::vector<float>& A, int D) {
 }
 
 void precondition_cases() {
-    const int shapes[][2] = {{1, 1}, {7, 33}, {70, 5}, {65, 130}};
+    const int shapes[][2] = {{1, 1}, {7, 33}, {70, 5}, {65, 130}, {130, 5}};  // splits of K = d_in, K = d_out
     for (auto& s : shapes)
         for (int bf16 = 0; bf16 < 2; ++bf16)
             for (int stored = 0; stored < 2; ++stored) {
