@@ -324,7 +324,7 @@ def test_scale_cuda_wrapper_chooses_the_cheaper_order(E, monkeypatch, n, T, d_ou
     fake = EmulatedScaleExtension(E)
     monkeypatch.setattr(module, "extension", lambda: fake)
     monkeypatch.setattr(module, "stream_handle", lambda device: 0)
-    monkeypatch.setattr(module, "choose_splits", lambda device, tiles, length, per_split, floats: 2 if length > 1 else 1)
+    monkeypatch.setattr(module, "choose_splits", lambda device, tiles, length, per_split, floats, **kw: 2 if length > 1 else 1)
     monkeypatch.setattr(module, "_CHUNK_ELEMENTS", chunk)
     gen = torch.Generator().manual_seed(n + T)
     g, a = torch.randn(n, T, d_out, generator=gen), torch.randn(n, T, d_in, generator=gen)
@@ -350,3 +350,24 @@ def test_scale_contraction_order_of_the_benchmarked_layers():
     assert resnet == {"l1": "rotate", "l2": "rotate", "l3": "project", "l4": "project"}
     vit = [contraction_order(512, d_out, d_in + 1) for d_in, d_out in [(768, 3072), (3072, 768), (768, 768)]]
     assert vit == ["project"] * 3
+
+
+def test_scale_rows_form_is_out_of_auto_consideration():
+    """"auto" may take the kernel for weight sharing only (the rows form cannot win: docs/kernels.md)."""
+    from kfac_cuda.ops.scale_accumulate import _cuda_supports
+    S, QG, QA = torch.zeros(4, 6), torch.eye(4), torch.eye(6)
+    assert not _cuda_supports(S, torch.zeros(3, 4), torch.zeros(3, 5), QG, QA)
+    assert _cuda_supports(S, torch.zeros(3, 2, 4), torch.zeros(3, 2, 5), QG, QA)
+
+
+def test_choose_splits_whole_waves(monkeypatch):
+    """With blocks_per_sm the split count fills whole waves (at ResNet l2's rotate launch, 38
+    tiles on 132 SMs: 13 splits = 494 blocks <= 4 per SM, where the two-wave rule's 7 splits =
+    266 blocks leave the busiest SM one block more than the average); the default rule is unchanged."""
+    from kfac_cuda.ops import _launch
+    monkeypatch.setattr(_launch, "_sm_count", lambda index: 132)
+    dev = torch.device("cuda", 0)
+    assert _launch.choose_splits(dev, 38, 113, 1, 128 * 1153, blocks_per_sm=4) == 13
+    assert _launch.choose_splits(dev, 38, 113, 1, 128 * 1153) == 7
+    assert _launch.choose_splits(dev, 600, 10 ** 6, 1, 10, blocks_per_sm=4) == 1
+    assert _launch.choose_splits(dev, 38, 5, 1, 10, blocks_per_sm=4) == 5

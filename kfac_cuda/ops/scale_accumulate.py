@@ -34,6 +34,9 @@ from ._launch import KERNEL_INPUT_DTYPES, MAX_KERNEL_DIM, choose_splits, stream_
 
 _CHUNK_ELEMENTS = 1 << 24  # per-example gradients materialised at once by the reference
 _MIN_ROWS_PER_SPLIT = 128
+# Resident blocks per SM of the scale kernels (scale_shared_tf32_kernel's launch bound; the others
+# fit at least as many): splits fill whole waves of them (csrc/scale_accumulate.cu).
+_BLOCKS_PER_SM = 4
 
 
 def accumulate_scale_reference(
@@ -99,7 +102,8 @@ def _accumulate_rotated(S, g, a, QG, QA, bias: bool, beta: float, alpha: float) 
     for start in range(0, n, step):
         X = _rotated_gradients(g[start:start + step], a[start:start + step], QG, bias)
         count = X.shape[0]
-        splits = choose_splits(S.device, tiles, count, max(1, _MIN_ROWS_PER_SPLIT // D), d_out * D)
+        splits = choose_splits(S.device, tiles, count, max(1, _MIN_ROWS_PER_SPLIT // D), d_out * D,
+                               blocks_per_sm=_BLOCKS_PER_SM)
         size = ext.scale_accumulate_workspace_size(d_out, D, splits)
         workspace = torch.empty(size, dtype=torch.float32, device=S.device) if size else None
         ext.scale_accumulate_broadcast(S.detach(), X, QA32, workspace, splits, float(beta), float(alpha),
@@ -150,11 +154,12 @@ def accumulate_scale_cuda(
     n = g.shape[0]
     tiles = ext.scale_accumulate_tiles(d_out, d_in)
     if g.dim() == 2:
-        splits = choose_splits(S.device, tiles, n, _MIN_ROWS_PER_SPLIT, d_out * d_in)
+        splits = choose_splits(S.device, tiles, n, _MIN_ROWS_PER_SPLIT, d_out * d_in, blocks_per_sm=_BLOCKS_PER_SM)
     else:
         T = g.shape[1]
         gt, at = gt.view(n, T, d_out), at.view(n, T, d_in)
-        splits = choose_splits(S.device, tiles, n, max(1, _MIN_ROWS_PER_SPLIT // max(1, T)), d_out * d_in)
+        splits = choose_splits(S.device, tiles, n, max(1, _MIN_ROWS_PER_SPLIT // max(1, T)), d_out * d_in,
+                               blocks_per_sm=_BLOCKS_PER_SM)
     size = ext.scale_accumulate_workspace_size(d_out, d_in, splits)
     workspace = torch.empty(size, dtype=torch.float32, device=S.device) if size else None
     launch = ext.scale_accumulate if g.dim() == 2 else ext.scale_accumulate_shared
@@ -175,13 +180,16 @@ def _check_args(S, g, a, QG, QA, beta, alpha) -> None:
 
 
 def _cuda_supports(S, g, a, QG, QA) -> bool:
-    """True when the kernels take these arguments (otherwise "auto" uses the reference)."""
+    """True when "auto" may use the kernels for these arguments (otherwise the reference).
+    Weight sharing only: the rows form is out of consideration, since its projections (the
+    bulk of its work) are the same cuBLAS GEMMs in both paths, which caps any kernel at about
+    1.1-1.5x (docs/kernels.md); backend="cuda" still runs it."""
     return (
-        S.dtype == QG.dtype == QA.dtype == torch.float32
+        g.dim() == 3
+        and S.dtype == QG.dtype == QA.dtype == torch.float32
         and S.dim() == 2 and S.is_contiguous()
         and 1 <= min(S.shape) and max(S.shape) < MAX_KERNEL_DIM
         and g.dtype in KERNEL_INPUT_DTYPES and a.dtype in KERNEL_INPUT_DTYPES
-        and g.dim() in (2, 3)
         and g[..., 0].numel() < 2**31
         and all(t.device == S.device for t in (g, a, QG, QA))
     )
