@@ -65,6 +65,10 @@ PRECONDITION_TF32 = (440, 8)
 PRECONDITION_TILE = (128, 64)
 # split K until >= 264 blocks spread >= 90 % evenly over the SMs; >= 64 K per split, <= 16 splits
 PRECONDITION_SPLIT = (264, 64, 16, 0.9)
+SCALE_ROWS_TF32 = (514, 16)
+SCALE_SHARED_TF32 = (522, 16)
+SCALE_MIN_ROWS_PER_SPLIT = 128    # kfac_cuda.ops.scale_accumulate._MIN_ROWS_PER_SPLIT
+SCALE_CHUNK_ELEMENTS = 1 << 24    # kfac_cuda.ops.scale_accumulate._CHUNK_ELEMENTS
 
 
 def ceil(a: float, b: float) -> int:
@@ -84,6 +88,13 @@ def reference_gemm(M: int, N: int, K: int, tf32: bool) -> float:
     return max(LAUNCH, 2.0 * M * N * K / (peak * fill) + 4.0 * (M * K + K * N + M * N) / HBM)
 
 
+def batched_gemm(batch: int, M: int, N: int, K: int, tf32: bool) -> float:
+    """cuBLAS strided-batched GEMM, `batch` independent C(MxN) = A(MxK) B(KxN), fp32 data."""
+    peak = TF32 * TF32_EFF if tf32 else FP32 * SGEMM_EFF
+    fill = min(1.0, batch * ceil(M, 128) * ceil(N, 128) / SMS)
+    return max(LAUNCH, 2.0 * batch * M * N * K / (peak * fill) + 4.0 * batch * (M * K + K * N + M * N) / HBM)
+
+
 def tiled_kernel(blocks: int, slices_per_block: int, clk: int, resident: int = 4, prefetch: bool = False) -> float:
     """Blocks of `slices_per_block` K-slices at `clk` each: the busiest SM runs ceil(blocks/SMs)
     of them, limited by its issue/shared-memory throughput, or, with too few resident blocks to
@@ -96,9 +107,10 @@ def tiled_kernel(blocks: int, slices_per_block: int, clk: int, resident: int = 4
     return max(LAUNCH, slices_per_block * max(busy, latency) / CLOCK)
 
 
-def choose_splits(tiles: int, reduce_len: int, min_per_split: int = 256) -> int:
+def choose_splits(tiles: int, reduce_len: int, min_per_split: int = 256, blocks_per_sm: int = 0) -> int:
     """kfac_cuda.ops._launch.choose_splits on 132 SMs (workspace limit ignored)."""
-    return max(1, min(ceil(2 * SMS, max(1, tiles)), max(1, reduce_len // min_per_split), 256))
+    want = max(1, blocks_per_sm * SMS // max(1, tiles)) if blocks_per_sm else ceil(2 * SMS, max(1, tiles))
+    return max(1, min(want, max(1, reduce_len // min_per_split), 256))
 
 
 # --- per-op models: (kernel seconds, reference seconds, reference seconds with TF32) ----------
@@ -151,28 +163,81 @@ def precondition(d_out: int, d_in: int, elt: int) -> Tuple[float, float, float]:
     return kernel, refs[0], refs[1]
 
 
+def scale_order(T: int, d_out: int, D: int) -> str:
+    """kfac_cuda.ops.scale_accumulate.contraction_order (the same cost rule)."""
+    return "project" if T * (d_out * d_out + D * D) <= d_out * D * (d_out + D) else "rotate"
+
+
+def _scale_kernel(grid: int, examples: int, slices_per_example: int, clk: int, resident: int, d_out: int,
+                  D: int, per_split_len: int, rows_per_slice: int = 1) -> float:
+    """One scale-kernel launch over `examples` (rows for the rows form, `rows_per_slice` = 16 of
+    them per K-slice) cut in choose_splits parts, plus the split reduction."""
+    splits = choose_splits(grid, examples, per_split_len, blocks_per_sm=4)  # scale_accumulate._BLOCKS_PER_SM
+    slices = ceil(ceil(examples, splits), rows_per_slice) * slices_per_example
+    t = tiled_kernel(grid * splits, slices, clk, resident)
+    return t + (elementwise(4.0 * d_out * D * (splits + 2)) if splits > 1 else 0.0)
+
+
+def scale_kernel_path(n: int, T: int, d_out: int, d_in: int, elt: int, tf32: bool) -> float:
+    """accumulate_scale_cuda on the sm_80+ (3xTF32) kernels; tf32: the torch GEMMs of the path
+    run with TF32 allowed."""
+    D = d_in + 1
+    rows = n * T
+    grid = ceil(d_out, 64) * ceil(D, 64)
+    cast = elementwise(rows * (d_out + d_in) * (elt + 4)) if elt != 4 else 0.0  # .to(float32) of 16-bit rows
+    if T == 1 or scale_order(T, d_out, D) == "project":
+        t = cast + reference_gemm(rows, d_out, d_out, tf32) + reference_gemm(rows, D, D, tf32)
+        if T == 1:
+            return t + _scale_kernel(grid, n, 1, SCALE_ROWS_TF32[0], 5, d_out, D, SCALE_MIN_ROWS_PER_SPLIT, 16)
+        return t + _scale_kernel(grid, n, ceil(T, 16), SCALE_SHARED_TF32[0], 4, d_out, D,
+                                 max(1, SCALE_MIN_ROWS_PER_SPLIT // T))
+    # rotate: per chunk of examples, W_i = abar_i^T g_i (batched), the bias row (cat), X = W Q_G,
+    # then the broadcast kernel (K = D rows per example)
+    step = max(1, SCALE_CHUNK_ELEMENTS // (D * d_out))
+    t = cast
+    for start in range(0, n, step):
+        c = min(step, n - start)
+        t += batched_gemm(c, d_in, d_out, T, tf32) + elementwise(2 * 4.0 * c * D * d_out)
+        t += reference_gemm(c * D, d_out, d_out, tf32)
+        t += _scale_kernel(grid, c, ceil(D, 16), SCALE_SHARED_TF32[0], 4, d_out, D,
+                           max(1, SCALE_MIN_ROWS_PER_SPLIT // D))
+    return t
+
+
 def scale(n: int, T: int, d_out: int, d_in: int, elt: int) -> Tuple[float, float, float]:
     D = d_in + 1
     rows = n * T
     projections = [reference_gemm(rows, d_out, d_out, tf32) + reference_gemm(rows, D, D, tf32)
                    + elementwise(rows * (d_out + d_in) * (elt + 4)) for tf32 in (False, True)]
-    grid = ceil(d_out, 64) * ceil(D, 64)
     if T == 1:
-        splits = choose_splits(grid, n)
-        kernel = projections[0] + tiled_kernel(grid * splits, ceil(ceil(n, splits), 16), GEMM_TILE[0], 3)
         refs = [p + 2 * elementwise(2 * 4.0 * rows * (d_out + D)) + reference_gemm(d_out, D, rows, tf32)
                 + elementwise(8.0 * d_out * D) for p, tf32 in zip(projections, (False, True))]
     else:
-        splits = choose_splits(grid, n, max(1, 256 // T))
-        kernel = projections[0] + tiled_kernel(grid * splits, ceil(n, splits) * ceil(T, 16), GEMM_TILE[0], 3)
-        # the reference forms each example's d_out x D gradient (einsum over T) and rotates it
-        # (Q_G^T P Q_A) in batched GEMMs, then squares and sums: no projections
-        flops = 2.0 * n * d_out * D * (T + d_out + D)
-        refs = [flops / (TF32 * TF32_EFF if tf32 else FP32 * SGEMM_EFF) + 3 * LAUNCH
-                + elementwise(3 * 4.0 * n * d_out * D) for tf32 in (False, True)]
-    if splits > 1:
-        kernel += elementwise(4.0 * d_out * D * (splits + 2))
-    return kernel, refs[0], refs[1]
+        # the reference casts 16-bit rows, concatenates the ones column, forms each example's
+        # d_out x D gradient (einsum over T) and rotates it (Q_G^T P Q_A) in batched GEMMs, in
+        # chunks of SCALE_CHUNK_ELEMENTS // (d_out D) examples, then squares and sums
+        step = max(1, SCALE_CHUNK_ELEMENTS // (d_out * D))
+        refs = []
+        for tf32 in (False, True):
+            t = elementwise(rows * (d_out + d_in) * (elt + 4)) if elt != 4 else 0.0
+            t += elementwise(rows * (d_in + D) * 4)  # cat ones
+            for start in range(0, n, step):
+                c = min(step, n - start)
+                t += batched_gemm(c, d_out, D, T, tf32) + batched_gemm(c, d_out, D, d_out, tf32)
+                t += batched_gemm(c, d_out, D, D, tf32) + elementwise(4 * 4.0 * c * d_out * D)
+            refs.append(t)
+    kernels = [scale_kernel_path(n, T, d_out, d_in, elt, tf32) for tf32 in (False, True)]
+    return kernels[0], refs[0], refs[1], kernels[1]
+
+
+def scale_rows_bound(n: int, d_out: int, d_in: int, elt: int) -> float:
+    """Upper bound on the rows form's speed-up over the fp32 reference for ANY kernel: the
+    reference time over its projections and casts alone (what the kernel path keeps)."""
+    _, ref, _, _ = scale(n, 1, d_out, d_in, elt)
+    D = d_in + 1
+    kept = reference_gemm(n, d_out, d_out, False) + reference_gemm(n, D, D, False) + \
+        elementwise(n * (d_out + d_in) * (elt + 4))
+    return ref / kept
 
 
 def conv(n: int, C: int, H: int, elt: int) -> Tuple[float, float, float]:
@@ -199,6 +264,7 @@ class Row:
     kernel_ms: float
     torch_ms: float
     torch_tf32_ms: float
+    kernel_tf32_ms: Optional[float] = None  # the kernel path with TF32 allowed, where it differs
 
     @property
     def speedup(self) -> float:
@@ -206,7 +272,7 @@ class Row:
 
     @property
     def speedup_tf32(self) -> float:
-        return self.torch_tf32_ms / self.kernel_ms
+        return self.torch_tf32_ms / (self.kernel_ms if self.kernel_tf32_ms is None else self.kernel_tf32_ms)
 
 
 def model_rows() -> List[Row]:

@@ -25,7 +25,7 @@ from kfac_cuda.ops.conv_factor_accumulate import accumulate_conv_factor_referenc
 from kfac_cuda.ops.factor_accumulate import accumulate_factor_reference  # noqa: E402
 from kfac_cuda.ops.precondition import precondition_reference  # noqa: E402
 from precondition_bounds import precondition_error_bounds, tf32_chain  # noqa: E402
-from kfac_cuda.ops.scale_accumulate import _project, accumulate_scale_reference  # noqa: E402
+from kfac_cuda.ops.scale_accumulate import _project, _rotated_gradients, accumulate_scale_reference  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -85,6 +85,59 @@ def test_precondition(E, d_out, d_in, dtype, stored, orthonormal):
     assert rel(U, U_ref) < 0.1 * rel(tf32_chain(V.double(), QG.double(), QA.double(), D), U_ref)
 
 
+U = 2.0 ** -24  # fp32 unit roundoff (round to nearest)
+
+
+def product_error(chain: int, tensor_cores: bool) -> float:
+    """Bound on the error of a ``chain``-long fp32 dot product / sum|terms| (first order).
+    SIMT: a sequential FMA chain, chain*u. 3xTF32 (model of tests/emulation/cuda_shim/warp.h,
+    after Fasi et al. 2021): each product within 3*2^-22 (split residue, dropped lo*lo'), and
+    2^-22 of the sum of |terms| per mma step, three steps per 8 rows."""
+    if chain == 0:
+        return 0.0
+    return (3 + 3 * -(-chain // 8)) * 4 * U if tensor_cores else chain * U
+
+
+def scale_rows_bound(rows_per_split: int, splits: int, tensor_cores: bool) -> float:
+    """|S - S_exact| / (beta|S0| + alpha sum_k gt_k^2 at_k^2), S_exact from the fp32 inputs in
+    float64: the two squares (2u), the product chain, the split reduction and EMA ((splits + 2) u)."""
+    return 2 * U + product_error(rows_per_split, tensor_cores) + (splits + 2) * U
+
+
+def scale_shared_bound(K: int, examples_per_split: int, splits: int, tensor_cores: bool) -> float:
+    """|S - S_exact| / (beta|S0| + alpha sum_i A_i^2), A_i = |X_i|^T |Y_i|: each example's
+    product P_i errs by e <= eps A_i (eps = product_error(K)), so its square by
+    (2 eps + eps^2) A_i^2; the fp32 FMA sum of the squares over the split's examples adds
+    examples * u (1 + eps)^2 A_i^2; then the split reduction and the EMA, (splits + 2) u."""
+    eps = product_error(K, tensor_cores)
+    return 2 * eps + eps * eps + examples_per_split * U * (1 + eps) ** 2 + (splits + 2) * U
+
+
+def scale_exact(S0, gt, at, beta, alpha):
+    """float64 result from the fp32 inputs the kernel receives, and the magnitude of its terms."""
+    S0, gt, at = S0.double(), gt.double(), at.double()
+    if gt.dim() == 2:
+        exact, terms = (gt ** 2).t() @ (at ** 2), (gt ** 2).t() @ (at ** 2)
+    else:
+        Y = at if at.dim() == 3 else at.expand(gt.shape[0], *at.shape)
+        exact = (gt.transpose(1, 2) @ Y).square().sum(0)
+        terms = (gt.abs().transpose(1, 2) @ Y.abs()).square().sum(0)
+    return beta * S0 + alpha * exact, abs(beta) * S0.abs() + alpha * terms
+
+
+def check_scale_bound(S, S0, gt, at, beta, alpha, splits, tensor_cores):
+    ref, terms = scale_exact(S0, gt, at, beta, alpha)
+    n = gt.shape[0]
+    per_split = -(-max(n, 1) // splits)
+    if gt.dim() == 2:
+        bound = scale_rows_bound(per_split, splits, tensor_cores)
+    else:
+        bound = scale_shared_bound(gt.shape[1], per_split, splits, tensor_cores)
+    err = ((S.double() - ref).abs() / terms.clamp_min(1e-300)).max().item()
+    assert err <= bound, (err, bound)
+
+
+@pytest.mark.parametrize("tensor_cores", [True, False], ids=["sm80", "simt"])
 @pytest.mark.parametrize("n,T,d_out,d_in,bias,dtype,splits", [
     (1, None, 1, 1, False, torch.float32, 1),
     (37, None, 70, 5, True, torch.bfloat16, 1),
@@ -96,7 +149,10 @@ def test_precondition(E, d_out, d_in, dtype, stored, orthonormal):
     (4, 0, 8, 5, True, torch.float32, 1),  # T = 0: an empty sum per example, S <- beta S
     (4, 0, 8, 5, False, torch.float32, 2),
 ])
-def test_scale_accumulate(E, n, T, d_out, d_in, bias, dtype, splits):
+def test_scale_accumulate(E, tensor_cores, n, T, d_out, d_in, bias, dtype, splits):
+    """The "project" order (and the rows form): the kernels on what the CUDA wrapper launches
+    with, against the float64 reference of the whole op, and elementwise within the rounding
+    model against float64 on the kernel's own fp32 inputs."""
     gen = torch.Generator().manual_seed(n * 7 + d_out)
     lead = (n,) if T is None else (n, T)
     g = torch.randn(*lead, d_out, generator=gen).to(dtype)
@@ -106,11 +162,53 @@ def test_scale_accumulate(E, n, T, d_out, d_in, bias, dtype, splits):
     gt = _project(g, QG, False).reshape(*lead, d_out)  # exactly what the CUDA wrapper launches with
     at = _project(a, QA, bias).reshape(*lead, d_in + bias)
     for beta, start in [(0.6, S0.clone()), (0.0, torch.full_like(S0, float("nan")))]:
-        S = E.scale_accumulate(start, gt, at, splits=splits, beta=beta, alpha=0.5)
+        S = E.scale_accumulate(start, gt, at, splits=splits, beta=beta, alpha=0.5, tensor_cores=tensor_cores)
         ref = accumulate_scale_reference(S0.double().clone(), g.double(), a.double(), QG.double(), QA.double(),
                                          bias=bias, beta=beta, alpha=0.5)
         assert torch.isfinite(S).all()
         assert rel(S, ref) < 1e-5
+        check_scale_bound(S, S0, gt, at, beta, 0.5, splits, tensor_cores)
+
+
+@pytest.mark.parametrize("tensor_cores", [True, False], ids=["sm80", "simt"])
+@pytest.mark.parametrize("n,T,d_out,d_in,bias,dtype,splits", [
+    (3, 40, 5, 9, True, torch.float32, 1),
+    (7, 90, 66, 3, False, torch.bfloat16, 3),
+    (2, 300, 3, 70, True, torch.float16, 2),
+    (1, 1, 1, 1, False, torch.float32, 1),
+])
+def test_scale_rotate_order(E, tensor_cores, n, T, d_out, d_in, bias, dtype, splits):
+    """The "rotate" order: X_i = (abar_i^T g_i) Q_G from the wrapper's helper, then the kernel
+    with Q_A broadcast to every example, against the float64 reference and the rounding model."""
+    gen = torch.Generator().manual_seed(n * 11 + T)
+    g = torch.randn(n, T, d_out, generator=gen).to(dtype)
+    a = torch.randn(n, T, d_in, generator=gen).to(dtype)
+    QG, QA = orthogonal(d_out, gen), orthogonal(d_in + bias, gen)
+    S0 = torch.rand(d_out, d_in + bias, generator=gen)
+    X = _rotated_gradients(g, a, QG, bias)
+    assert X.shape == (n, d_in + bias, d_out) and X.is_contiguous()
+    for beta, start in [(0.6, S0.clone()), (0.0, torch.full_like(S0, float("nan")))]:
+        S = E.scale_accumulate(start, X, QA, splits=splits, beta=beta, alpha=0.5, tensor_cores=tensor_cores)
+        ref = accumulate_scale_reference(S0.double().clone(), g.double(), a.double(), QG.double(), QA.double(),
+                                         bias=bias, beta=beta, alpha=0.5)
+        assert torch.isfinite(S).all()
+        assert rel(S, ref) < 1e-5
+        check_scale_bound(S, S0, X, QA, beta, 0.5, splits, tensor_cores)
+
+
+def test_scale_tf32_split_keeps_fp32_accuracy(E):
+    """3xTF32 must stay near fp32 accuracy, far below plain TF32's ~2^-11 relative error, on
+    inputs with full fp32 mantissas, in both forms."""
+    gen = torch.Generator().manual_seed(9)
+    gt, at = torch.randn(64, 40, generator=gen) * 3.7, torch.randn(64, 24, generator=gen) * 0.3
+    S = E.scale_accumulate(torch.zeros(40, 24), gt, at, tensor_cores=True)
+    ref = (gt.double() ** 2).t() @ (at.double() ** 2)
+    assert ((S.double() - ref).abs() / ref).max().item() < 2e-6
+    X, Y = gt.reshape(2, 32, 40), at.reshape(2, 32, 24)
+    S = E.scale_accumulate(torch.zeros(40, 24), X, Y, tensor_cores=True)
+    _, terms = scale_exact(torch.zeros(40, 24), X, Y, 0.0, 1.0)
+    ref = (X.double().transpose(1, 2) @ Y.double()).square().sum(0)
+    assert ((S.double() - ref).abs() / terms).max().item() < 4e-6
 
 
 @pytest.mark.parametrize("geometry,bias,weighted,dtype,splits", [
@@ -138,9 +236,6 @@ def test_conv_factor(E, geometry, bias, weighted, dtype, splits):
                                                beta=beta, alpha=0.1)
         assert torch.isfinite(A).all() and torch.equal(A, A.t())
         assert rel(A, ref) < 1e-5
-
-
-U = 2.0 ** -24  # fp32 unit roundoff (round to nearest)
 
 
 def factor_error_bound(chain: int, splits: int, path: str) -> float:
@@ -200,3 +295,92 @@ def test_tf32_split_keeps_fp32_accuracy(E):
     ref = a.double().t() @ a.double()
     terms = a.double().abs().t() @ a.double().abs()
     assert ((A.double() - ref).abs() / terms).max().item() < 2e-6
+
+
+class EmulatedScaleExtension:
+    """The scale entry points of kfac_cuda._C over the CPU emulation, recording which form each
+    launch took, so the CUDA wrapper (order choice, chunking, EMA per chunk) runs on the CPU."""
+
+    def __init__(self, E):
+        self.E, self.launches = E, []
+
+    def scale_accumulate_tiles(self, d_out, d_in):
+        return -(-d_out // 64) * -(-d_in // 64)
+
+    def scale_accumulate_workspace_size(self, d_out, d_in, splits):
+        return self.E.lib().emu_scale_workspace(d_out, d_in, splits)
+
+    def _launch(self, form, S, gt, at, workspace, splits, beta, alpha, stream):
+        self.launches.append((form, tuple(gt.shape), beta))
+        self.E.scale_accumulate(S, gt, at, splits=splits, beta=beta, alpha=alpha)
+
+    def scale_accumulate(self, *args):
+        self._launch("rows", *args)
+
+    def scale_accumulate_shared(self, *args):
+        self._launch("project", *args)
+
+    def scale_accumulate_broadcast(self, *args):
+        self._launch("rotate", *args)
+
+
+@pytest.mark.parametrize("n,T,d_out,d_in,bias,order,chunk", [
+    (5, 40, 5, 9, True, "rotate", 2 * 10 * 5),      # T (25 + 100) > 5 * 10 * 15: rotate, chunks of 2 examples
+    (4, 3, 20, 18, False, "project", 1 << 24),     # 3 (400 + 324) < 20 * 18 * 38: project
+    (3, 0, 6, 4, True, "project", 1 << 24),        # T = 0: S <- beta S, the project kernel alone
+])
+def test_scale_cuda_wrapper_chooses_the_cheaper_order(E, monkeypatch, n, T, d_out, d_in, bias, order, chunk):
+    """accumulate_scale_cuda with weight sharing on the emulated kernels: the order the cost
+    rule picks is the one launched, chunks of examples apply beta once, and the result is the
+    float64 reference."""
+    import kfac_cuda.ops.scale_accumulate as module
+    fake = EmulatedScaleExtension(E)
+    monkeypatch.setattr(module, "extension", lambda: fake)
+    monkeypatch.setattr(module, "stream_handle", lambda device: 0)
+    monkeypatch.setattr(module, "choose_splits", lambda device, tiles, length, per_split, floats, **kw: 2 if length > 1 else 1)
+    monkeypatch.setattr(module, "_CHUNK_ELEMENTS", chunk)
+    gen = torch.Generator().manual_seed(n + T)
+    g, a = torch.randn(n, T, d_out, generator=gen), torch.randn(n, T, d_in, generator=gen)
+    QG, QA = orthogonal(d_out, gen), orthogonal(d_in + bias, gen)
+    S0 = torch.rand(d_out, d_in + bias, generator=gen)
+    assert module.contraction_order(T, d_out, d_in + bias) == order
+    S = module.accumulate_scale_cuda(S0.clone(), g, a, QG, QA, bias=bias, beta=0.7, alpha=0.2)
+    ref = accumulate_scale_reference(S0.double().clone(), g.double(), a.double(), QG.double(), QA.double(),
+                                     bias=bias, beta=0.7, alpha=0.2)
+    assert rel(S, ref) < 1e-5
+    assert {form for form, _, _ in fake.launches} == {order}
+    assert [beta for _, _, beta in fake.launches] == [0.7] + [1.0] * (len(fake.launches) - 1)
+    if order == "rotate":
+        assert [shape[0] for _, shape, _ in fake.launches] == [2, 2, 1]
+
+
+def test_scale_contraction_order_of_the_benchmarked_layers():
+    """The cost rule on bench/kernel_cases.py's shapes: per-example rotations for ResNet-18
+    layer1/layer2 (many positions, few channels), projections everywhere else."""
+    from kfac_cuda.ops.scale_accumulate import contraction_order
+    resnet = {name: contraction_order(H * H, c_out, 9 * c_in + 1) for name, c_in, c_out, H in
+              [("l1", 64, 64, 32), ("l2", 128, 128, 16), ("l3", 256, 256, 8), ("l4", 512, 512, 4)]}
+    assert resnet == {"l1": "rotate", "l2": "rotate", "l3": "project", "l4": "project"}
+    vit = [contraction_order(512, d_out, d_in + 1) for d_in, d_out in [(768, 3072), (3072, 768), (768, 768)]]
+    assert vit == ["project"] * 3
+
+
+def test_scale_rows_form_is_out_of_auto_consideration():
+    """"auto" may take the kernel for weight sharing only (the rows form cannot win: docs/kernels.md)."""
+    from kfac_cuda.ops.scale_accumulate import _cuda_supports
+    S, QG, QA = torch.zeros(4, 6), torch.eye(4), torch.eye(6)
+    assert not _cuda_supports(S, torch.zeros(3, 4), torch.zeros(3, 5), QG, QA)
+    assert _cuda_supports(S, torch.zeros(3, 2, 4), torch.zeros(3, 2, 5), QG, QA)
+
+
+def test_choose_splits_whole_waves(monkeypatch):
+    """With blocks_per_sm the split count fills whole waves (at ResNet l2's rotate launch, 38
+    tiles on 132 SMs: 13 splits = 494 blocks <= 4 per SM, where the two-wave rule's 7 splits =
+    266 blocks leave the busiest SM one block more than the average); the default rule is unchanged."""
+    from kfac_cuda.ops import _launch
+    monkeypatch.setattr(_launch, "_sm_count", lambda index: 132)
+    dev = torch.device("cuda", 0)
+    assert _launch.choose_splits(dev, 38, 113, 1, 128 * 1153, blocks_per_sm=4) == 13
+    assert _launch.choose_splits(dev, 38, 113, 1, 128 * 1153) == 7
+    assert _launch.choose_splits(dev, 600, 10 ** 6, 1, 10, blocks_per_sm=4) == 1
+    assert _launch.choose_splits(dev, 38, 5, 1, 10, blocks_per_sm=4) == 5

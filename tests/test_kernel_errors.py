@@ -163,6 +163,20 @@ def test_scale_shapes(shared, name, shape, match):
         call_scale(shared, **{name: F(shape)})
 
 
+@pytest.mark.parametrize("name,shape,match", [
+    ("gt", [7, 4], r"^gt: expected 3 dimensions, got 2"),
+    ("at", [7, 3, 6], r"^at: expected 2 dimensions, got 3"),
+    ("at", [4, 6], r"^at: must have gt.shape\[1\] = 3 rows, got \(4, 6\)"),
+    ("at", [3, 5], r"^at: last dimension must be S.shape\[1\] = 6, got \(3, 5\)"),
+])
+def test_scale_broadcast_shapes(name, shape, match):
+    """The rotate order's binding: gt (n, K, d_out), one at (K, d_in) for every example."""
+    args = dict(S=F([4, 6]), gt=F([7, 3, 4]), at=F([3, 6]), workspace=None, splits=1, beta=0.5, alpha=1.0, stream=0)
+    args[name] = F(shape)
+    with pytest.raises(ValueError, match=match):
+        ext().scale_accumulate_broadcast(**args)
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_scale_splits_and_workspace(shared):
     with pytest.raises(ValueError, match=r"^splits: expected 1 <= splits"):

@@ -22,6 +22,7 @@ import kernel_sass  # noqa: E402
 # registers per SM; factor_mma 128 threads x 96 -> 5 blocks (20 warps); factor_simt 256 x 48
 # -> 5 blocks; gemm_tile users 256 x 64 -> 4 blocks; scale kernels 256 x 80 -> 3 blocks;
 # tf32_gemm (precondition) 128 x 168 -> 3 blocks (12 warps; __launch_bounds__(128, 3)).
+# scale_rows_tf32 128 x 96 -> 5 blocks; scale_shared_tf32 128 x 128 -> 4 blocks (its launch bound).
 BUDGETS = {
     "factor_mma_kernel": (96, 0.04),
     "factor_tf32_kernel": (96, 0.075),
@@ -30,6 +31,8 @@ BUDGETS = {
     "split_epilogue_kernel": (40, 0.0),
     "scale_rows_kernel": (80, 0.45),
     "scale_shared_kernel": (80, 0.45),
+    "scale_rows_tf32_kernel": (96, 0.18),
+    "scale_shared_tf32_kernel": (128, 0.17),
     "conv_factor_kernel": (64, 0.12),
     "reduce_splits_kernel": (32, 0.0),
     "scale_kernel": (32, 0.0),
@@ -37,7 +40,8 @@ BUDGETS = {
 }
 # tensor-core kernel -> whether its fragments must come through ldmatrix (16-bit operands;
 # tf32 fragments are 32-bit and load with LDS)
-TENSOR_CORE_KERNELS = {"factor_mma_kernel": True, "factor_tf32_kernel": False, "tf32_gemm_kernel": False}
+TENSOR_CORE_KERNELS = {"factor_mma_kernel": True, "factor_tf32_kernel": False, "tf32_gemm_kernel": False,
+                       "scale_rows_tf32_kernel": False, "scale_shared_tf32_kernel": False}
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,18 @@ def stream_handle(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def choose_splits(device: torch.device, tiles: int, reduce_len: int, min_per_split: int, split_floats: int) -> int:
+def choose_splits(device: torch.device, tiles: int, reduce_len: int, min_per_split: int, split_floats: int,
+                  *, blocks_per_sm: int = 0) -> int:
     """How many parts to cut the reduction dimension into so that ``tiles`` thread blocks per
-    part fill about two waves of the device's SMs, with at least ``min_per_split`` of the
-    reduction per part and at most MAX_SPLIT_WORKSPACE floats of partial results
-    (``split_floats`` per part). 1 means no split (and no workspace)."""
+    part fill about two waves of the device's SMs (with ``blocks_per_sm``: the most whole waves
+    of that many resident blocks per SM, so no SM runs one block more than the others), with at
+    least ``min_per_split`` of the reduction per part and at most MAX_SPLIT_WORKSPACE floats of
+    partial results (``split_floats`` per part). 1 means no split (and no workspace)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    want = -(-2 * _sm_count(index) // max(1, tiles))
+    if blocks_per_sm > 0:
+        want = max(1, blocks_per_sm * _sm_count(index) // max(1, tiles))
+    else:
+        want = -(-2 * _sm_count(index) // max(1, tiles))
     by_length = max(1, reduce_len // max(1, min_per_split))
     by_memory = max(1, MAX_SPLIT_WORKSPACE // max(1, split_floats))
     return int(max(1, min(want, by_length, by_memory, 256)))

@@ -8,6 +8,20 @@ the outer product g_i abar_i^T, so the sum is a GEMM of squared projections:
 With weight sharing (g: (n, T, d_out), a: (n, T, d_in)) the positions are summed per
 example before squaring; the reference materialises per-example gradients in chunks.
 abar = [a | 1] when ``bias``. With beta == 0 the old S is not read.
+
+The CUDA path contracts weight sharing in the cheaper of two orders per layer
+(:func:`contraction_order`, multiply-adds per example, D = d_in + bias):
+
+- "project": project every position, G~ = g Q_G and A~ = abar Q_A (torch), then the kernel
+  forms each example's G~_i^T A~_i tile and accumulates its square:
+  T (d_out^2 + D^2) + T d_out D.
+- "rotate": form each example's gradient and rotate one side in torch (chunks of examples),
+  X_i = dW_i^T Q_G = (abar_i^T g_i) Q_G, then the kernel forms the tiles of
+  X_i^T Q_A = Q_G^T dW_i Q_A and accumulates their squares: T d_out D + D d_out^2 + d_out D^2.
+
+"project" wins when T (d_out^2 + D^2) <= d_out D (d_out + D): few positions or wide layers
+(ResNet-18 layer3/layer4, ViT with 512-token sequences); "rotate" when the positions
+outnumber the widths (ResNet-18 layer1/layer2: T = 1024 / 256 positions, 64 / 128 channels).
 """
 from __future__ import annotations
 
@@ -20,6 +34,9 @@ from ._launch import KERNEL_INPUT_DTYPES, MAX_KERNEL_DIM, choose_splits, stream_
 
 _CHUNK_ELEMENTS = 1 << 24  # per-example gradients materialised at once by the reference
 _MIN_ROWS_PER_SPLIT = 128
+# Resident blocks per SM of the scale kernels (scale_shared_tf32_kernel's launch bound; the others
+# fit at least as many): splits fill whole waves of them (csrc/scale_accumulate.cu).
+_BLOCKS_PER_SM = 4
 
 
 def accumulate_scale_reference(
@@ -52,6 +69,49 @@ def accumulate_scale_reference(
     return S.mul_(beta).add_(batch, alpha=alpha)
 
 
+def contraction_order(positions: int, d_out: int, D: int) -> str:
+    """"project" or "rotate" (see the module docstring): the order with fewer multiply-adds per
+    example for weight sharing over ``positions`` positions, S of shape (d_out, D). Ties and
+    empty sums (positions == 0) go to "project", whose kernel handles S <- beta S alone."""
+    project = positions * (d_out * d_out + D * D)
+    rotate = d_out * D * (d_out + D)
+    return "project" if project <= rotate else "rotate"
+
+
+def _rotated_gradients(g: torch.Tensor, a: torch.Tensor, QG: torch.Tensor, bias: bool) -> torch.Tensor:
+    """X_i = dW_i^T Q_G = (abar_i^T g_i) Q_G for every example of g (n, T, d_out), a (n, T, d_in):
+    a C-contiguous float32 (n, D, d_out) tensor (the bias row of abar_i^T g_i is sum_t g_it)."""
+    g32 = g.detach().to(torch.float32)
+    a32 = a.detach().to(torch.float32)
+    W = torch.bmm(a32.transpose(1, 2), g32)  # (n, d_in, d_out)
+    if bias:
+        W = torch.cat([W, g32.sum(1, keepdim=True)], dim=1)
+    n, D, d_out = W.shape
+    return (W.reshape(n * D, d_out) @ QG.detach()).view(n, D, d_out)
+
+
+def _accumulate_rotated(S, g, a, QG, QA, bias: bool, beta: float, alpha: float) -> torch.Tensor:
+    """The "rotate" order: X_i in chunks of examples (at most _CHUNK_ELEMENTS floats), each chunk
+    one kernel launch S <- beta' S + alpha sum_i (X_i^T Q_A)^2 (beta' = beta, then 1)."""
+    ext = extension()
+    d_out, D = S.shape
+    n = g.shape[0]
+    QA32 = QA.detach().to(torch.float32).contiguous()
+    tiles = ext.scale_accumulate_tiles(d_out, D)
+    step = max(1, _CHUNK_ELEMENTS // (D * d_out))
+    for start in range(0, n, step):
+        X = _rotated_gradients(g[start:start + step], a[start:start + step], QG, bias)
+        count = X.shape[0]
+        splits = choose_splits(S.device, tiles, count, max(1, _MIN_ROWS_PER_SPLIT // D), d_out * D,
+                               blocks_per_sm=_BLOCKS_PER_SM)
+        size = ext.scale_accumulate_workspace_size(d_out, D, splits)
+        workspace = torch.empty(size, dtype=torch.float32, device=S.device) if size else None
+        ext.scale_accumulate_broadcast(S.detach(), X, QA32, workspace, splits, float(beta), float(alpha),
+                                       stream_handle(S.device))
+        beta = 1.0
+    return S
+
+
 def _project(x: torch.Tensor, Q: torch.Tensor, bias: bool) -> torch.Tensor:
     """x Q (or [x | 1] Q = x Q[:-1] + Q[-1] with bias, without materialising [x | 1]) as a
     C-contiguous float32 matrix over the flattened leading dimensions."""
@@ -75,25 +135,31 @@ def accumulate_scale_cuda(
 ) -> torch.Tensor:
     """CUDA kernels ``kfac_cuda._C.scale_accumulate[_shared]`` on the current stream of S's device.
 
-    Same contract as the reference. The projections G~ = g QG and A~ = abar QA run as torch
-    (cuBLAS) GEMMs in float32; the kernel then squares on load (no weight sharing) or forms
-    each example's G~_i^T A~_i tile in registers and accumulates its square (weight sharing),
-    never materialising per-example gradients. S must be float32 and C-contiguous (updated
-    in place); g and a may be float32, bfloat16 or float16.
+    Same contract as the reference. Without weight sharing the projections G~ = g QG and
+    A~ = abar QA run as torch (cuBLAS) GEMMs in float32 and the kernel squares on load. With
+    weight sharing, in the order :func:`contraction_order` picks: "project" as above, then the
+    kernel forms each example's G~_i^T A~_i tile in registers and accumulates its square; or
+    "rotate", per-example gradients rotated by Q_G in torch, in chunks, then the kernel forms
+    (X_i^T Q_A) tiles and accumulates their squares. Squared products are never materialised.
+    S must be float32 and C-contiguous (updated in place); g and a may be float32, bfloat16 or
+    float16.
     """
     _check_args(S, g, a, QG, QA, beta, alpha)
     ext = extension()
     d_out, d_in = S.shape
+    if g.dim() == 3 and g.shape[0] > 0 and contraction_order(g.shape[1], d_out, d_in) == "rotate":
+        return _accumulate_rotated(S, g, a, QG, QA, bias, beta, alpha)
     gt = _project(g, QG, False)
     at = _project(a, QA, bias)
     n = g.shape[0]
     tiles = ext.scale_accumulate_tiles(d_out, d_in)
     if g.dim() == 2:
-        splits = choose_splits(S.device, tiles, n, _MIN_ROWS_PER_SPLIT, d_out * d_in)
+        splits = choose_splits(S.device, tiles, n, _MIN_ROWS_PER_SPLIT, d_out * d_in, blocks_per_sm=_BLOCKS_PER_SM)
     else:
         T = g.shape[1]
         gt, at = gt.view(n, T, d_out), at.view(n, T, d_in)
-        splits = choose_splits(S.device, tiles, n, max(1, _MIN_ROWS_PER_SPLIT // max(1, T)), d_out * d_in)
+        splits = choose_splits(S.device, tiles, n, max(1, _MIN_ROWS_PER_SPLIT // max(1, T)), d_out * d_in,
+                               blocks_per_sm=_BLOCKS_PER_SM)
     size = ext.scale_accumulate_workspace_size(d_out, d_in, splits)
     workspace = torch.empty(size, dtype=torch.float32, device=S.device) if size else None
     launch = ext.scale_accumulate if g.dim() == 2 else ext.scale_accumulate_shared
@@ -114,13 +180,16 @@ def _check_args(S, g, a, QG, QA, beta, alpha) -> None:
 
 
 def _cuda_supports(S, g, a, QG, QA) -> bool:
-    """True when the kernels take these arguments (otherwise "auto" uses the reference)."""
+    """True when "auto" may use the kernels for these arguments (otherwise the reference).
+    Weight sharing only: the rows form is out of consideration, since its projections (the
+    bulk of its work) are the same cuBLAS GEMMs in both paths, which caps any kernel at about
+    1.1-1.5x (docs/kernels.md); backend="cuda" still runs it."""
     return (
-        S.dtype == QG.dtype == QA.dtype == torch.float32
+        g.dim() == 3
+        and S.dtype == QG.dtype == QA.dtype == torch.float32
         and S.dim() == 2 and S.is_contiguous()
         and 1 <= min(S.shape) and max(S.shape) < MAX_KERNEL_DIM
         and g.dtype in KERNEL_INPUT_DTYPES and a.dtype in KERNEL_INPUT_DTYPES
-        and g.dim() in (2, 3)
         and g[..., 0].numel() < 2**31
         and all(t.device == S.device for t in (g, a, QG, QA))
     )

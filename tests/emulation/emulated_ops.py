@@ -25,7 +25,7 @@ def lib() -> ctypes.CDLL:
             ctypes.c_int] * 5 + [ctypes.c_float, ctypes.c_float]
         _lib.emu_precondition.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + [
             ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int]
-        _lib.emu_scale.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6 + [ctypes.c_float] * 2
+        _lib.emu_scale.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 8 + [ctypes.c_float] * 2
         _lib.emu_conv.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 4 + [
             ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float]
     return _lib
@@ -57,16 +57,20 @@ def precondition(grad, QG, QA, damping, scale=None, eig_g=None, eig_a=None):
     return out, dot[0]
 
 
-def scale_accumulate(S, gt, at, splits=1, beta=0.0, alpha=1.0):
-    """gt: (n, d_out) or (n, T, d_out) projected gradients; at likewise. Updates S in place."""
+def scale_accumulate(S, gt, at, splits=1, beta=0.0, alpha=1.0, tensor_cores=True):
+    """gt: (n, d_out) or (n, K, d_out); at: (n, d_in), (n, K, d_in), or (K, d_in) for every
+    example (the rotate order). Updates S in place. tensor_cores: the sm_80+ 3xTF32 kernels,
+    else the SIMT kernels."""
     gt, at = gt.contiguous(), at.contiguous()
     d_out, d_in = S.shape
     n = gt.shape[0]
     shared = gt.dim() == 3
+    broadcast = shared and at.dim() == 2
     positions = gt.shape[1] if shared else 0
     need = lib().emu_scale_workspace(d_out, d_in, splits)
     ws = poisoned(need) if need else None
-    rc = lib().emu_scale(_ptr(gt), _ptr(at), _ptr(S), _ptr(ws), n, int(shared), positions, d_out, d_in, splits, beta, alpha)
+    rc = lib().emu_scale(_ptr(gt), _ptr(at), _ptr(S), _ptr(ws), n, int(shared), int(broadcast), positions, d_out, d_in,
+                         splits, int(tensor_cores), beta, alpha)
     assert rc == 0
     return S
 

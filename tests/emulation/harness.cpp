@@ -34,8 +34,10 @@ long long emu_scale_workspace(int d_out, int d_in, int splits) {
     return kfac::scale_accumulate_workspace_floats(d_out, d_in, splits);
 }
 
-int emu_scale(const float* gt, const float* at, float* S, float* ws, int n, int shared, int positions, int d_out, int d_in,
-              int splits, float beta, float alpha) {
+// shared: gt/at per example (K = positions rows each); at_broadcast: one at for every example;
+// tensor_cores: the sm_80+ 3xTF32 kernels, else the SIMT kernels.
+int emu_scale(const float* gt, const float* at, float* S, float* ws, int n, int shared, int at_broadcast, int positions,
+              int d_out, int d_in, int splits, int tensor_cores, float beta, float alpha) {
     kfac::ScaleArgs a;
     a.gt = gt;
     a.at = at;
@@ -44,6 +46,8 @@ int emu_scale(const float* gt, const float* at, float* S, float* ws, int n, int 
     a.n = n;
     a.positions = positions;
     a.shared = shared != 0;
+    a.at_broadcast = at_broadcast != 0;
+    a.tensor_cores = tensor_cores != 0;
     a.d_out = d_out;
     a.d_in = d_in;
     a.splits = splits;

@@ -18,8 +18,8 @@ int emu_precondition(const void* grad, int grad_is_bf16, const float* qg, const 
                      const float* eig_g, const float* eig_a, float damping, float* out, float* dot, float* ws,
                      int d_out, int d_in);
 long long emu_scale_workspace(int d_out, int d_in, int splits);
-int emu_scale(const float* gt, const float* at, float* S, float* ws, int n, int shared, int positions, int d_out,
-              int d_in, int splits, float beta, float alpha);
+int emu_scale(const float* gt, const float* at, float* S, float* ws, int n, int shared, int at_broadcast, int positions,
+              int d_out, int d_in, int splits, int tensor_cores, float beta, float alpha);
 long long emu_conv_workspace(int d, int splits);
 int emu_conv(const void* x, int x_type, const float* w, float* A, float* ws, const int* geometry, int bias,
              int splits, float beta, float alpha);
@@ -120,27 +120,29 @@ void precondition_cases() {
 }
 
 void scale_cases() {
-    // n, T (-1: per-row form), d_out, d_in, splits
-    const int cases[][5] = {{37, -1, 70, 5, 1}, {300, -1, 9, 66, 3}, {5, 7, 66, 65, 2},
-                            {6, 17, 3, 8, 6}, {4, 0, 8, 5, 1}, {4, 0, 8, 5, 2}, {0, -1, 3, 3, 2}};
-    for (auto& c : cases) {
-        const int n = c[0], T = c[1], d_out = c[2], d_in = c[3], splits = c[4];
-        if (quick && (splits == 1 || n == 0)) continue;
-        const bool shared = T >= 0;
-        const size_t rows = size_t(n) * (shared ? T : 1);
-        auto gt = random_floats(rows * d_out), at = random_floats(rows * d_in);
-        auto S0 = random_floats(size_t(d_out) * d_in);
-        Buffer ws(emu_scale_workspace(d_out, d_in, splits));
-        std::vector<float> S = S0;
-        CHECK(emu_scale(gt.empty() ? nullptr : gt.data(), at.empty() ? nullptr : at.data(), S.data(), ws.get(), n,
-                        shared, shared ? T : 0, d_out, d_in, splits, 0.5f, 0.25f) == 0);
-        CHECK(all_finite(S));
-        if (rows == 0) {  // an empty sum: S <- beta S exactly
-            bool exact = true;
-            for (size_t e = 0; e < S.size(); ++e) exact = exact && S[e] == 0.5f * S0[e];
-            CHECK(exact);
+    // n, T (-1: per-row form), d_out, d_in, splits, at broadcast (one K x d_in matrix, rotate order)
+    const int cases[][6] = {{37, -1, 70, 5, 1, 0}, {300, -1, 9, 66, 3, 0}, {5, 7, 66, 65, 2, 0},
+                            {6, 17, 3, 8, 6, 0},   {4, 0, 8, 5, 1, 0},    {4, 0, 8, 5, 2, 0},
+                            {0, -1, 3, 3, 2, 0},   {5, 19, 9, 19, 2, 1},  {3, 70, 66, 70, 1, 1}};
+    for (auto& c : cases)
+        for (int tensor_cores = 0; tensor_cores < 2; ++tensor_cores) {
+            const int n = c[0], T = c[1], d_out = c[2], d_in = c[3], splits = c[4], broadcast = c[5];
+            if (quick && (splits == 1 || n == 0)) continue;
+            const bool shared = T >= 0;
+            const size_t rows = size_t(n) * (shared ? T : 1);
+            auto gt = random_floats(rows * d_out), at = random_floats((broadcast ? size_t(T) : rows) * d_in);
+            auto S0 = random_floats(size_t(d_out) * d_in);
+            Buffer ws(emu_scale_workspace(d_out, d_in, splits));
+            std::vector<float> S = S0;
+            CHECK(emu_scale(gt.empty() ? nullptr : gt.data(), at.empty() ? nullptr : at.data(), S.data(), ws.get(), n,
+                            shared, broadcast, shared ? T : 0, d_out, d_in, splits, tensor_cores, 0.5f, 0.25f) == 0);
+            CHECK(all_finite(S));
+            if (rows == 0) {  // an empty sum: S <- beta S exactly
+                bool exact = true;
+                for (size_t e = 0; e < S.size(); ++e) exact = exact && S[e] == 0.5f * S0[e];
+                CHECK(exact);
+            }
         }
-    }
 }
 
 void conv_cases() {
