@@ -20,10 +20,19 @@ Assumptions (H100 SXM5, sm_90):
   per 64x64x16 slab (the sm<80 fallback, not modelled below), factor mma (ldmatrix + mma.sync,
   scalar 16-bit staging) issue-bound at about 820 clk per 64x64x32 slab (staging ~50
   instructions per element pair dominate), factor 3xTF32 (fp32 or weighted rows: 48 HMMA plus
-  the hi/lo splits per warp and slab) issue-bound at about 600 clk per 64x64x16 slab, conv
-  issue-bound at 4434 clk per slice (index divisions); all divided by 0.85 for scheduling
-  losses. An SM with too few blocks to hide it pays an exposed global latency of ~1500 clk
-  per slice (no prefetch in these kernels).
+  the hi/lo splits per warp and slab) issue-bound at about 600 clk per 64x64x16 slab; all
+  divided by 0.85 for scheduling losses. An SM with too few blocks to hide it pays an exposed
+  global latency of ~1500 clk per slice (no prefetch in these kernels).
+- Conv factor (sm_80+ tensor-core kernels, conv_factor_accumulate.cu): issue-bound at one clk
+  per static instruction of the sm_90 hot loop per 64x64 block-slab (4 warps on the SM's 4
+  schedulers, one instruction per scheduler and clk; `python bench/kernel_sass.py`):
+  conv_tf32_kernel (fp32 x, 3xTF32) 685 instructions per 16-row slab, conv_mma_kernel
+  (bf16/fp16 x) 524 per 32-row slab; their tensor work (192 m16n8k8.tf32 / 64 m16n8k16 per
+  block-slab, ~1.08 clk each per SM) is 208 / 69 clk, below the issue time. 4 resident blocks
+  per SM (96-114 registers x 128 threads). One slab of register prefetch overlaps the global
+  latency with the slab's own work: a block alone on its SM pays max(clk, 1500) per slice.
+  Splits as kfac_cuda.ops.conv_factor_accumulate.conv_splits chooses them (fill one wave of
+  resident blocks), rows cut at multiples of 32.
 """
 from __future__ import annotations
 
@@ -36,6 +45,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from kfac_cuda.ops.conv_factor_accumulate import conv_splits  # noqa: E402  (the op's own rule)
 
 SMS, CLOCK = 132, 1.98e9
 FP32, TF32 = 67e12, 495e12
@@ -50,7 +61,9 @@ GEMM_TILE = (1024, 16)
 FACTOR_SIMT = (1044, 16)
 FACTOR_MMA = (820, 32)
 FACTOR_TF32 = (600, 16)
-CONV = (4434, 16)
+CONV_TF32 = (685, 16)  # conv_tf32_kernel: fp32 x (and weighted rows)
+CONV_MMA = (524, 32)   # conv_mma_kernel: unweighted bf16/fp16 x
+CONV_RESIDENT = 4
 
 
 def ceil(a: float, b: float) -> int:
@@ -77,6 +90,16 @@ def tiled_kernel(blocks: int, slices_per_block: int, clk: int, resident: int = 4
     per_sm = ceil(blocks, SMS)
     busy = per_sm * clk / REALISM
     latency = ceil(per_sm, resident) * (clk / REALISM + EXPOSED_LATENCY)
+    return max(LAUNCH, slices_per_block * max(busy, latency) / CLOCK)
+
+
+def prefetched_kernel(blocks: int, slices_per_block: int, clk: int, resident: int) -> float:
+    """tiled_kernel for kernels that load slice s+1 while computing slice s: the busiest SM's
+    issue time, or, with too few blocks per SM, each slice's own work overlapped with the
+    global latency (max instead of sum)."""
+    per_sm = ceil(blocks, SMS)
+    busy = per_sm * clk / REALISM
+    latency = ceil(per_sm, resident) * max(clk / REALISM, EXPOSED_LATENCY)
     return max(LAUNCH, slices_per_block * max(busy, latency) / CLOCK)
 
 
@@ -145,8 +168,11 @@ def conv(n: int, C: int, H: int, elt: int) -> Tuple[float, float, float]:
     rows = n * H * H
     t = ceil(d, 64)
     tiles = t * (t + 1) // 2
-    splits = choose_splits(tiles, rows)
-    kernel = tiled_kernel(t * t * splits, ceil(ceil(rows, splits), 16), CONV[0]) * tiles / (t * t)
+    splits = conv_splits(SMS, tiles, rows, d)
+    clk, k = CONV_TF32 if elt == 4 else CONV_MMA
+    rows_per_split = ceil(ceil(rows, splits), 32) * 32
+    splits = ceil(rows, rows_per_split)
+    kernel = prefetched_kernel(tiles * splits, ceil(rows_per_split, k), clk, CONV_RESIDENT)
     if splits > 1:
         kernel += elementwise(4.0 * d * d * (splits + 2))
     unfold = elementwise(n * C * H * H * elt + rows * (d - 1) * elt)

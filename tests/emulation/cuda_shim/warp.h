@@ -196,6 +196,11 @@ inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32
 }  // namespace emu
 
 inline float __uint_as_float(uint32_t u) { return emu::bits_to_float(u); }
+inline uint32_t __float_as_uint(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
 
 namespace emu {
 
