@@ -24,10 +24,19 @@ Assumptions (H100 SXM5, sm_90):
   precondition 3xTF32 (4 warps, 128x64 tiles, split K for >= 264 evenly spread blocks) at 440
   clk of issue per 128x64x8 block-slice (its 48 HMMA need 208 at the TF32 peak), the next slice
   prefetched into registers, so each group of 3 resident blocks pays max(issue, ~1500 clk
-  latency) per slice: latency-bound, since 3 x 440 / 0.85 is about 1550, conv
-  issue-bound at 4434 clk per slice (index divisions); all divided by 0.85 for scheduling
-  losses. An SM with too few blocks to hide it pays an exposed global latency of ~1500 clk
-  per slice (no prefetch in these kernels but precondition's).
+  latency) per slice: latency-bound, since 3 x 440 / 0.85 is about 1550; all divided by 0.85
+  for scheduling losses. An SM with too few blocks to hide it pays an exposed global latency of ~1500 clk
+  per slice (no prefetch in these kernels but precondition's and conv's).
+- Conv factor (sm_80+ tensor-core kernels, conv_factor_accumulate.cu): issue-bound at one clk
+  per static instruction of the sm_90 hot loop per 64x64 block-slab (4 warps on the SM's 4
+  schedulers, one instruction per scheduler and clk; `python bench/kernel_sass.py`):
+  conv_tf32_kernel (fp32 x, 3xTF32) 685 instructions per 16-row slab, conv_mma_kernel
+  (bf16/fp16 x) 524 per 32-row slab; their tensor work (192 m16n8k8.tf32 / 64 m16n8k16 per
+  block-slab, ~1.08 clk each per SM) is 208 / 69 clk, below the issue time. 4 resident blocks
+  per SM (96-114 registers x 128 threads). One slab of register prefetch overlaps the global
+  latency with the slab's own work: a block alone on its SM pays max(clk, 1500) per slice.
+  Splits as kfac_cuda.ops.conv_factor_accumulate.conv_splits chooses them (fill one wave of
+  resident blocks), rows cut at multiples of 32.
 """
 from __future__ import annotations
 
@@ -40,6 +49,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from kfac_cuda.ops.conv_factor_accumulate import conv_splits  # noqa: E402  (the op's own rule)
 
 SMS, CLOCK = 132, 1.98e9
 FP32, TF32 = 67e12, 495e12
@@ -54,7 +65,6 @@ GEMM_TILE = (1024, 16)
 FACTOR_SIMT = (1044, 16)
 FACTOR_MMA = (820, 32)
 FACTOR_TF32 = (600, 16)
-CONV = (4434, 16)
 # precondition's 3xTF32 GEMM (csrc/tf32_gemm.cuh), per 128x64x8 block-slice: issue-bound at the
 # 421-475-instruction hot loop (440 taken) of each of the block's 4 warps (one per SM
 # sub-partition, 1 instruction per clock each; bench/kernel_sass.py: 48 HMMA, 48 LDS, 64 FADD
@@ -69,6 +79,9 @@ SCALE_ROWS_TF32 = (514, 16)
 SCALE_SHARED_TF32 = (522, 16)
 SCALE_MIN_ROWS_PER_SPLIT = 128    # kfac_cuda.ops.scale_accumulate._MIN_ROWS_PER_SPLIT
 SCALE_CHUNK_ELEMENTS = 1 << 24    # kfac_cuda.ops.scale_accumulate._CHUNK_ELEMENTS
+CONV_TF32 = (685, 16)  # conv_tf32_kernel: fp32 x (and weighted rows)
+CONV_MMA = (524, 32)   # conv_mma_kernel: unweighted bf16/fp16 x
+CONV_RESIDENT = 4
 
 
 def ceil(a: float, b: float) -> int:
@@ -98,11 +111,12 @@ def batched_gemm(batch: int, M: int, N: int, K: int, tf32: bool) -> float:
 def tiled_kernel(blocks: int, slices_per_block: int, clk: int, resident: int = 4, prefetch: bool = False) -> float:
     """Blocks of `slices_per_block` K-slices at `clk` each: the busiest SM runs ceil(blocks/SMs)
     of them, limited by its issue/shared-memory throughput, or, with too few resident blocks to
-    hide it, by the exposed global latency of each slice (overlapped with the slice's compute
-    when the kernel prefetches the next slice into registers)."""
+    hide it, by the exposed global latency of each slice (overlapped with the slice's own work,
+    max instead of sum, when the kernel prefetches the next slice into registers)."""
     per_sm = ceil(blocks, SMS)
     busy = per_sm * clk / REALISM
-    per_slice = EXPOSED_LATENCY if prefetch else clk / REALISM + EXPOSED_LATENCY
+    own = clk / REALISM
+    per_slice = max(own, EXPOSED_LATENCY) if prefetch else own + EXPOSED_LATENCY
     latency = ceil(per_sm, resident) * per_slice
     return max(LAUNCH, slices_per_block * max(busy, latency) / CLOCK)
 
@@ -245,8 +259,11 @@ def conv(n: int, C: int, H: int, elt: int) -> Tuple[float, float, float]:
     rows = n * H * H
     t = ceil(d, 64)
     tiles = t * (t + 1) // 2
-    splits = choose_splits(tiles, rows)
-    kernel = tiled_kernel(t * t * splits, ceil(ceil(rows, splits), 16), CONV[0]) * tiles / (t * t)
+    splits = conv_splits(SMS, tiles, rows, d)
+    clk, k = CONV_TF32 if elt == 4 else CONV_MMA
+    rows_per_split = ceil(ceil(rows, splits), 32) * 32
+    splits = ceil(rows, rows_per_split)
+    kernel = tiled_kernel(tiles * splits, ceil(rows_per_split, k), clk, CONV_RESIDENT, prefetch=True)
     if splits > 1:
         kernel += elementwise(4.0 * d * d * (splits + 2))
     unfold = elementwise(n * C * H * H * elt + rows * (d - 1) * elt)

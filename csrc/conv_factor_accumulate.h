@@ -28,6 +28,9 @@ struct ConvFactorArgs {
     ConvGeometry geom;
     bool bias;
     int splits;               // >= 1: the n * positions rows are cut in `splits` parts
+    bool tensor_cores;        // sm_80+: the mma.sync kernels (3xTF32, or bf16/fp16 when unweighted)
+    int64_t chunk_elements = (int64_t(1) << 31) - 1;  // tensor-core path: at most this many elements
+                              // of x per launch (< 2^31: 32-bit offsets); tests lower it
     float beta;
     float alpha;
 };

@@ -83,6 +83,9 @@ void conv_factor_accumulate(py::object A_obj, py::object x_obj, py::object w_obj
                              oh,              ow};
     args.bias = bias;
     args.splits = int(splits);
+    int major = 0;
+    KFAC_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    args.tensor_cores = major >= 8;
     args.beta = float(beta);
     args.alpha = float(alpha);
     DeviceGuard guard(dev);

@@ -43,16 +43,20 @@
 
 #include "factor_accumulate.h"
 #include "gemm_tile.cuh"
+#include "sym_mma_tile.cuh"
 #include "warp_mma.cuh"
 
 namespace kfac {
 namespace {
 
-constexpr int kTile = 64;          // output tile edge
+using symtile::tile_coords;
+using symtile::write_tile;
+
+constexpr int kTile = symtile::kTile;  // output tile edge
 constexpr int kSimtRows = 16;      // rows per shared-memory slab, SIMT path
 constexpr int kSimtThreads = 256;  // 16 x 16 threads, 4 x 4 outputs each
 constexpr int kMmaRows = 32;       // rows per slab, tensor-core path (two k16 steps)
-constexpr int kMmaThreads = 128;   // 4 warps, 32 x 32 outputs each (both tensor-core paths)
+constexpr int kMmaThreads = symtile::kThreads;  // 4 warps, 32 x 32 outputs each (both tensor-core paths)
 constexpr int kTf32Rows = 16;      // rows per slab, 3xTF32 path (two k8 steps)
 
 // abar[row][col] as float: a's entry, the implicit 1 at col == d (bias), 0 past D.
@@ -60,41 +64,6 @@ template <typename T>
 __device__ __forceinline__ float abar_at(const T* a, int64_t row, int col, int d, int D) {
   if (col < d) return tile::to_float(a[row * d + col]);
   return col < D ? 1.0f : 0.0f;
-}
-
-// Upper-triangle tile t (row-major over I <= J) of a T x T tile grid.
-__device__ __forceinline__ void tile_coords(int t, int tiles, int& I, int& J) {
-  I = 0;
-  while (t >= tiles - I) {
-    t -= tiles - I;
-    ++I;
-  }
-  J = I + t;
-}
-
-// Writes the tile C[i0.., j0..] held in sC (row-major, leading dim LDC), keeping only elements
-// with global row <= col. partial == nullptr: EMA into A and the transpose into A[j0.., i0..]
-// (both writes coalesced); otherwise the raw upper-triangle values into partial (D x D).
-template <int LDC>
-__device__ void write_tile(float* A, float* partial, int D, const float* sC, int i0, int j0, float alpha,
-                           float beta) {
-  for (int idx = threadIdx.x; idx < kTile * kTile; idx += blockDim.x) {
-    const int r = idx / kTile, c = idx % kTile;
-    const int gi = i0 + r, gj = j0 + c;  // C[gi][gj] = sC[r][c]
-    if (gi < D && gj < D && gi <= gj) {
-      const int64_t e = int64_t(gi) * D + gj;
-      if (partial != nullptr) {
-        partial[e] = sC[r * LDC + c];
-      } else {
-        A[e] = tile::ema(A + e, beta, alpha, sC[r * LDC + c]);
-      }
-    }
-    const int ti = i0 + c, tj = j0 + r;  // C[ti][tj] = sC[c][r] goes to A[tj][ti]
-    if (partial == nullptr && ti < D && tj < D && ti < tj) {
-      const int64_t e = int64_t(tj) * D + ti;
-      A[e] = tile::ema(A + e, beta, alpha, sC[c * LDC + r]);
-    }
-  }
 }
 
 // This block's rows [row_begin, row_end) and its partial slice (nullptr: write A directly).
@@ -169,24 +138,6 @@ __global__ void __launch_bounds__(kSimtThreads)
   write_tile<kTile + 1>(A, rows.partial, D, sC, i0, j0, alpha, beta);
 }
 
-// Epilogue of both tensor-core kernels: warp (wm, wn)'s 2 x 4 accumulators (m16n8 C fragments:
-// c_e at row g + 8(e >= 2), col 2t + (e & 1)) go to the row-major tile sC, then write_tile.
-template <int LDC>
-__device__ __forceinline__ void write_fragments(float* A, const RowRange& rows, int D, float* sC,
-                                                const float (&acc)[2][4][4], int wm, int wn, int lane, int i0,
-                                                int j0, float alpha, float beta) {
-  const int g = lane / 4, t = lane % 4;
-#pragma unroll
-  for (int m = 0; m < 2; ++m)
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        sC[(wm * 32 + m * 16 + g + 8 * (e >> 1)) * LDC + wn * 32 + q * 8 + 2 * t + (e & 1)] = acc[m][q][e];
-  __syncthreads();
-  write_tile<LDC>(A, rows.partial, D, sC, i0, j0, alpha, beta);
-}
-
 // Bit pattern of 1.0 in the 16-bit input type (the bias column).
 template <typename T>
 constexpr uint16_t kOneBits = std::is_same<T, __nv_bfloat16>::value ? 0x3F80 : 0x3C00;
@@ -230,31 +181,10 @@ __global__ void __launch_bounds__(kMmaThreads)
       sY[k][c] = y;
     }
     __syncthreads();
-#pragma unroll
-    for (int k0 = 0; k0 < kMmaRows; k0 += 16) {
-      // Lane l addresses row (l % 8) of 8x8 matrix j = l / 8.
-      const int j = lane / 8, r = lane % 8;
-      uint32_t fa[2][4], fb[4][2];
-#pragma unroll
-      for (int m = 0; m < 2; ++m)  // matrices: (i 0-7, k 0-7), (i 8-15, k 0-7), (i 0-7, k 8-15), (i 8-15, k 8-15)
-        warp::ldmatrix_x4_trans(fa[m], &sX[k0 + r + 8 * (j >> 1)][wm * 32 + m * 16 + 8 * (j & 1)]);
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {  // matrices: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
-        uint32_t rb[4];
-        warp::ldmatrix_x4_trans(rb, &sY[k0 + r + 8 * (j & 1)][wn * 32 + q * 16 + 8 * (j >> 1)]);
-        fb[2 * q][0] = rb[0];
-        fb[2 * q][1] = rb[1];
-        fb[2 * q + 1][0] = rb[2];
-        fb[2 * q + 1][1] = rb[3];
-      }
-#pragma unroll
-      for (int m = 0; m < 2; ++m)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) warp::mma_m16n8k16<kType>(acc[m][q], fa[m], fb[q]);
-    }
+    symtile::mma16_slab<kType, kMmaRows, LDS>(acc, sX, sY, wm, wn, lane);
     __syncthreads();
   }
-  write_fragments<LDC>(A, rows, D, sC, acc, wm, wn, lane, i0, j0, alpha, beta);
+  symtile::write_fragments<LDC>(A, rows.partial, D, sC, acc, wm, wn, lane, i0, j0, alpha, beta);
 #else
   __trap();  // the host never selects this path below sm_80
 #endif
@@ -282,43 +212,15 @@ __global__ void __launch_bounds__(kMmaThreads)
   const int i0 = I * kTile, j0 = J * kTile;
   const RowRange rows = row_range(n, rows_per_split, workspace, D);
   const int warp_id = threadIdx.x / 32, lane = threadIdx.x % 32, wm = warp_id / 2, wn = warp_id % 2;
-  const int g = lane / 4, t = lane % 4;  // fragment coordinates (csrc/warp_mma.cuh)
 
   float acc[2][4][4] = {};
   for (int r0 = rows.begin; r0 < rows.end; r0 += kTf32Rows) {
     stage_fp32<kTf32Rows, LDS, kMmaThreads>(sX, sY, a, w, r0, rows.end, i0, j0, d, D);
     __syncthreads();
-#pragma unroll
-    for (int k0 = 0; k0 < kTf32Rows; k0 += 8) {
-      uint32_t a_hi[2][4], a_lo[2][4], b_hi[4][2], b_lo[4][2];
-#pragma unroll
-      for (int m = 0; m < 2; ++m)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {  // A(i, k) = sX[k][i]: a_e at i = g + 8(e & 1), k = t + 4(e >= 2)
-          const float x = sX[k0 + t + 4 * (e >> 1)][wm * 32 + m * 16 + g + 8 * (e & 1)];
-          a_hi[m][e] = warp::to_tf32(x);
-          a_lo[m][e] = warp::to_tf32(x - __uint_as_float(a_hi[m][e]));
-        }
-#pragma unroll
-      for (int q = 0; q < 4; ++q)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {  // B(k, j) = sY[k][j]: b_e at k = t + 4e, j = g
-          const float y = sY[k0 + t + 4 * e][wn * 32 + q * 8 + g];
-          b_hi[q][e] = warp::to_tf32(y);
-          b_lo[q][e] = warp::to_tf32(y - __uint_as_float(b_hi[q][e]));
-        }
-#pragma unroll
-      for (int m = 0; m < 2; ++m)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {  // small terms first
-          warp::mma_m16n8k8_tf32(acc[m][q], a_lo[m], b_hi[q]);
-          warp::mma_m16n8k8_tf32(acc[m][q], a_hi[m], b_lo[q]);
-          warp::mma_m16n8k8_tf32(acc[m][q], a_hi[m], b_hi[q]);
-        }
-    }
+    symtile::tf32_slab<kTf32Rows, LDS>(acc, sX, sY, wm, wn, lane);
     __syncthreads();
   }
-  write_fragments<LDC>(A, rows, D, sC, acc, wm, wn, lane, i0, j0, alpha, beta);
+  symtile::write_fragments<LDC>(A, rows.partial, D, sC, acc, wm, wn, lane, i0, j0, alpha, beta);
 #else
   __trap();  // the host never selects this path below sm_80
 #endif

@@ -211,31 +211,6 @@ def test_scale_tf32_split_keeps_fp32_accuracy(E):
     assert ((S.double() - ref).abs() / terms).max().item() < 4e-6
 
 
-@pytest.mark.parametrize("geometry,bias,weighted,dtype,splits", [
-    ((1, 1, 1, 1, (1, 1), (1, 1), (0, 0), (1, 1)), False, False, torch.float32, 1),
-    ((2, 3, 9, 7, (3, 2), (2, 1), (1, 0), (1, 2)), True, True, torch.float32, 1),
-    ((3, 2, 5, 6, (1, 1), (1, 1), (0, 0), (1, 1)), False, False, torch.bfloat16, 2),
-    ((2, 8, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1)), True, False, torch.float16, 3),
-    ((1, 9, 6, 6, (3, 3), (2, 2), (2, 1), (1, 1)), True, True, torch.float32, 2),
-    ((1, 2, 4, 4, (3, 3), (1, 1), (3, 3), (1, 1)), True, True, torch.bfloat16, 1),
-])
-def test_conv_factor(E, geometry, bias, weighted, dtype, splits):
-    n, C, H, W, k, s, p, d = geometry
-    gen = torch.Generator().manual_seed(C * 31 + H)
-    x = torch.randn(n, C, H, W, generator=gen).to(dtype)
-    oh = (H + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
-    ow = (W + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
-    w = torch.rand(n, oh * ow, generator=gen) + 0.1 if weighted else None
-    D = C * k[0] * k[1] + bias
-    A0 = torch.randn(D, D, generator=gen)
-    A0 = A0 + A0.t()
-    for beta, start in [(0.9, A0.clone()), (0.0, torch.full_like(A0, float("nan")))]:
-        A = E.conv_factor(start, x, k, s, p, d, bias, weights=w, splits=splits, beta=beta, alpha=0.1)
-        ref = accumulate_conv_factor_reference(A0.double().clone(), x.double(), kernel_size=k, stride=s, padding=p,
-                                               dilation=d, bias=bias, weights=None if w is None else w.double(),
-                                               beta=beta, alpha=0.1)
-        assert torch.isfinite(A).all() and torch.equal(A, A.t())
-        assert rel(A, ref) < 1e-5
 
 
 def factor_error_bound(chain: int, splits: int, path: str) -> float:
@@ -384,3 +359,110 @@ def test_choose_splits_whole_waves(monkeypatch):
     assert _launch.choose_splits(dev, 38, 113, 1, 128 * 1153) == 7
     assert _launch.choose_splits(dev, 600, 10 ** 6, 1, 10, blocks_per_sm=4) == 1
     assert _launch.choose_splits(dev, 38, 5, 1, 10, blocks_per_sm=4) == 5
+# (n, C, H, W, kernel, stride, padding, dilation), bias, weighted, dtype, splits: odd channels,
+# strides, dilations and paddings (one larger than the kernel), D across two tile rows
+# (C 9 x 3x3 + bias = 82), rows not a multiple of the slab, splits of which some are empty
+# (rows are cut at multiples of 32 on the tensor-core path).
+CONV_CASES = [
+    ((1, 1, 1, 1, (1, 1), (1, 1), (0, 0), (1, 1)), False, False, torch.float32, 1),
+    ((2, 3, 9, 7, (3, 2), (2, 1), (1, 0), (1, 2)), True, True, torch.float32, 1),
+    ((3, 2, 5, 6, (1, 1), (1, 1), (0, 0), (1, 1)), False, False, torch.bfloat16, 2),
+    ((2, 8, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1)), True, False, torch.float16, 3),
+    ((1, 9, 6, 6, (3, 3), (2, 2), (2, 1), (1, 1)), True, True, torch.float32, 2),
+    ((1, 2, 4, 4, (3, 3), (1, 1), (3, 3), (1, 1)), True, True, torch.bfloat16, 1),
+    ((2, 9, 7, 5, (3, 3), (1, 2), (1, 2), (2, 1)), True, False, torch.bfloat16, 5),
+    ((3, 9, 5, 5, (3, 3), (1, 1), (1, 1), (1, 1)), True, False, torch.float32, 4),
+    ((2, 7, 6, 5, (2, 3), (1, 1), (0, 1), (1, 1)), False, True, torch.float16, 3),
+]
+
+
+@pytest.mark.parametrize("tensor_cores", [True, False], ids=["sm80", "simt"])
+@pytest.mark.parametrize("geometry,bias,weighted,dtype,splits", CONV_CASES)
+def test_conv_factor(E, tensor_cores, geometry, bias, weighted, dtype, splits):
+    n, C, H, W, k, s, p, d = geometry
+    gen = torch.Generator().manual_seed(C * 31 + H)
+    x = torch.randn(n, C, H, W, generator=gen).to(dtype)
+    oh = (H + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    ow = (W + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    w = torch.rand(n, oh * ow, generator=gen) + 0.1 if weighted else None
+    D = C * k[0] * k[1] + bias
+    A0 = torch.randn(D, D, generator=gen)
+    A0 = A0 + A0.t()
+    rows = n * oh * ow
+    per_split = -(-rows // splits)
+    if tensor_cores:
+        chain = -(-per_split // 32) * 32  # the kernel cuts the rows at multiples of 32
+        path = "mma16" if dtype != torch.float32 and not weighted else "tf32"
+    else:
+        chain, path = per_split, "simt"
+    geo = dict(kernel_size=k, stride=s, padding=p, dilation=d, bias=bias)
+    w64 = None if w is None else w.double()
+    for beta, start in [(0.9, A0.clone()), (0.0, torch.full_like(A0, float("nan")))]:
+        A = E.conv_factor(start, x, k, s, p, d, bias, weights=w, splits=splits, beta=beta, alpha=0.1,
+                          tensor_cores=tensor_cores)
+        ref = accumulate_conv_factor_reference(A0.double().clone(), x.double(), weights=w64, beta=beta, alpha=0.1,
+                                               **geo)
+        terms = accumulate_conv_factor_reference(abs(beta) * A0.double().abs(), x.double().abs(), weights=w64,
+                                                 beta=1.0, alpha=0.1, **geo)
+        assert torch.isfinite(A).all() and torch.equal(A, A.t())
+        err = ((A.double() - ref).abs() / terms.clamp_min(1e-300)).max().item()
+        # the weight product w * x is one more fp32 rounding on every term
+        assert err <= factor_error_bound(chain, splits, path) + (U if weighted else 0.0), err
+
+
+def test_conv_factor_tensor_cores_keep_fp32_accuracy(E):
+    """The 3xTF32 conv path on full-mantissa fp32 input stays near the fp32 level (plain TF32
+    would err by ~2^-11 relative)."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 5, 6, 6, generator=gen) * 3.7
+    geo = dict(kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), bias=False)
+    A = E.conv_factor(torch.zeros(45, 45), x, (3, 3), (1, 1), (1, 1), (1, 1), False)
+    ref = accumulate_conv_factor_reference(torch.zeros(45, 45, dtype=torch.float64), x.double(), **geo)
+    terms = accumulate_conv_factor_reference(torch.zeros(45, 45, dtype=torch.float64), x.double().abs(), **geo)
+    assert ((A.double() - ref).abs() / terms.clamp_min(1e-300)).max().item() < 2e-6
+
+
+@pytest.mark.parametrize("divisor", [1, 2, 3, 7, 9, 64, 65, 1000, 1023, 1024, 1025, 2**20 + 7, 2**30 - 1, 2**30,
+                                     2**30 + 1, 2**31 - 1])
+def test_fast_divmod_matches_integer_division(E, divisor):
+    gen = torch.Generator().manual_seed(divisor % 1000)
+    numerators = [0, 1, divisor - 1, divisor, divisor + 1, 2**31 - 1, 2**31 - 2, (2**31 - 1) // divisor * divisor]
+    numerators += torch.randint(0, 2**31 - 1, (200,), generator=gen).tolist()
+    for n in numerators:
+        if 0 <= n < 2**31:
+            assert E.fast_divmod(divisor, n) == divmod(n, divisor), (divisor, n)
+
+
+@pytest.mark.parametrize("chunk_examples,dtype,weighted", [(2, torch.float32, True), (1, torch.bfloat16, False),
+                                                            (0, torch.float16, False)])
+def test_conv_factor_chunks_x_into_32bit_launches(E, chunk_examples, dtype, weighted):
+    """x of 2^31 elements or more goes through the tensor-core kernels in launches of < 2^31
+    elements (32-bit offsets), the first applying beta and the rest adding; an example larger
+    than a launch takes the SIMT kernel. Forced here by lowering the per-launch limit."""
+    gen = torch.Generator().manual_seed(chunk_examples + 3)
+    n, C, H, W = 5, 3, 6, 5
+    x = torch.randn(n, C, H, W, generator=gen).to(dtype)
+    w = torch.rand(n, H * W, generator=gen) + 0.1 if weighted else None
+    D = C * 9 + 1
+    A0 = torch.randn(D, D, generator=gen)
+    A0 = A0 + A0.t()
+    geo = dict(kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), bias=True)
+    w64 = None if w is None else w.double()
+    limit = chunk_examples * C * H * W if chunk_examples else C * H * W - 1
+    if chunk_examples:
+        chunks = -(-n // chunk_examples)
+        chain = -(-chunk_examples * H * W // 32) * 32
+        path = "tf32" if weighted or dtype == torch.float32 else "mma16"
+        bound = factor_error_bound(chain, 1, path) + 2 * chunks * U  # alpha S and the add, per chunk
+    else:
+        bound = factor_error_bound(n * H * W, 1, "simt")
+    for beta, start in [(0.9, A0.clone()), (0.0, torch.full_like(A0, float("nan")))]:
+        A = E.conv_factor(start, x, (3, 3), (1, 1), (1, 1), (1, 1), True, weights=w, beta=beta, alpha=0.1,
+                          chunk_elements=limit)
+        ref = accumulate_conv_factor_reference(A0.double().clone(), x.double(), weights=w64, beta=beta, alpha=0.1,
+                                               **geo)
+        terms = accumulate_conv_factor_reference(abs(beta) * A0.double().abs(), x.double().abs(), weights=w64,
+                                                 beta=1.0, alpha=0.1, **geo)
+        assert torch.isfinite(A).all() and torch.equal(A, A.t())
+        err = ((A.double() - ref).abs() / terms.clamp_min(1e-300)).max().item()
+        assert err <= bound + (U if weighted else 0.0), err

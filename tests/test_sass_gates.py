@@ -34,6 +34,8 @@ BUDGETS = {
     "scale_rows_tf32_kernel": (96, 0.18),
     "scale_shared_tf32_kernel": (128, 0.17),
     "conv_factor_kernel": (64, 0.12),
+    "conv_tf32_kernel": (128, 0.095),  # 128 threads x 128 -> 4 blocks (the conv split rule's slots)
+    "conv_mma_kernel": (128, 0.028),
     "reduce_splits_kernel": (32, 0.0),
     "scale_kernel": (32, 0.0),
     "sum_partials_kernel": (32, 0.0),
@@ -41,7 +43,8 @@ BUDGETS = {
 # tensor-core kernel -> whether its fragments must come through ldmatrix (16-bit operands;
 # tf32 fragments are 32-bit and load with LDS)
 TENSOR_CORE_KERNELS = {"factor_mma_kernel": True, "factor_tf32_kernel": False, "tf32_gemm_kernel": False,
-                       "scale_rows_tf32_kernel": False, "scale_shared_tf32_kernel": False}
+                       "scale_rows_tf32_kernel": False, "scale_shared_tf32_kernel": False,
+                       "conv_mma_kernel": True, "conv_tf32_kernel": False}
 
 
 @pytest.fixture(scope="module")

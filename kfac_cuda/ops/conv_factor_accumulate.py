@@ -17,10 +17,24 @@ import torch.nn.functional as F
 from .._extension import extension
 from ._checks import check_factor_args
 from ._dispatch import select
-from ._launch import KERNEL_INPUT_DTYPES, MAX_KERNEL_DIM, choose_splits, stream_handle
+from ._launch import KERNEL_INPUT_DTYPES, MAX_KERNEL_DIM, MAX_SPLIT_WORKSPACE, _sm_count, stream_handle
 from .factor_accumulate import accumulate_factor_reference
 
 _MIN_ROWS_PER_SPLIT = 256
+# Thread blocks of the conv kernels resident per SM (128 threads x <= 128 registers: the
+# register budget of tests/test_sass_gates.py; the SIMT fallback, 256 x 64, also 4).
+_RESIDENT_BLOCKS_PER_SM = 4
+
+
+def conv_splits(sms: int, tiles: int, rows: int, d: int) -> int:
+    """Parts to cut the n*positions rows into: as many as keep tiles * splits within one wave
+    of resident blocks (_RESIDENT_BLOCKS_PER_SM per SM; a partial second wave would leave a
+    tail of lone, latency-bound blocks), with >= _MIN_ROWS_PER_SPLIT rows per part and at most
+    MAX_SPLIT_WORKSPACE floats of partials (d*d per part). 1 means no split."""
+    want = _RESIDENT_BLOCKS_PER_SM * sms // max(1, tiles)
+    by_length = rows // _MIN_ROWS_PER_SPLIT
+    by_memory = MAX_SPLIT_WORKSPACE // max(1, d * d)
+    return int(max(1, min(want, by_length, by_memory, 256)))
 
 
 def conv_patches(
@@ -98,7 +112,8 @@ def accumulate_conv_factor_cuda(
         weights = weights.detach().to(torch.float32).contiguous()
     d = A.shape[0]
     rows = _patch_rows(x, kernel_size, stride, padding, dilation)
-    splits = choose_splits(A.device, ext.conv_factor_tiles(d), rows, _MIN_ROWS_PER_SPLIT, d * d)
+    index = A.device.index if A.device.index is not None else torch.cuda.current_device()
+    splits = conv_splits(_sm_count(index), ext.conv_factor_tiles(d), rows, d)
     size = ext.conv_factor_workspace_size(d, splits)
     workspace = torch.empty(size, dtype=torch.float32, device=A.device) if size else None
     ext.conv_factor_accumulate(A.detach(), x, weights, kernel_size, stride, padding, dilation, bool(bias), workspace,

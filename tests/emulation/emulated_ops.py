@@ -27,7 +27,7 @@ def lib() -> ctypes.CDLL:
             ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int]
         _lib.emu_scale.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 8 + [ctypes.c_float] * 2
         _lib.emu_conv.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 4 + [
-            ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float]
+            ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_float, ctypes.c_float]
     return _lib
 
 
@@ -79,7 +79,11 @@ _X_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def conv_factor(A, x, kernel_size: Sequence[int], stride, padding, dilation, bias, weights=None, splits=1,
-                beta=0.0, alpha=1.0):
+                beta=0.0, alpha=1.0, tensor_cores=True, chunk_elements=0):
+    """A <- beta A + alpha sum w abar abar^T over the im2col patches of x, in place, with the emulated
+    conv_factor_accumulate.cu. tensor_cores: the sm_80+ kernels (3xTF32; mma.sync bf16/fp16 for
+    unweighted 16-bit x), else the SIMT kernel. chunk_elements > 0: at most that many elements of x
+    per tensor-core launch (the chunking that x of 2^31 elements or more takes; 0: the default)."""
     x = x.contiguous()
     weights = None if weights is None else weights.contiguous()
     n, C, H, W = x.shape
@@ -87,7 +91,7 @@ def conv_factor(A, x, kernel_size: Sequence[int], stride, padding, dilation, bia
     need = lib().emu_conv_workspace(A.shape[0], splits)
     ws = poisoned(need) if need else None
     rc = lib().emu_conv(_ptr(x, *_X_TYPES), _X_TYPES[x.dtype], _ptr(weights), _ptr(A), _ptr(ws), geometry, int(bias), splits,
-                        beta, alpha)
+                        int(tensor_cores), chunk_elements, beta, alpha)
     assert rc == 0
     return A
 
@@ -105,3 +109,10 @@ def factor(A, a, bias: bool, weights=None, splits=1, beta=0.0, alpha=1.0, tensor
                           _ptr(ws), n, d, int(bias), int(tensor_cores), splits, beta, alpha)
     assert rc == 0
     return A
+
+
+def fast_divmod(d: int, n: int):
+    """(n // d, n % d) through csrc/fast_divmod.cuh's magic-number division (1 <= d, 0 <= n < 2^31)."""
+    q, r = ctypes.c_int(), ctypes.c_int()
+    lib().emu_fast_divmod(d, n, ctypes.byref(q), ctypes.byref(r))
+    return q.value, r.value

@@ -1,5 +1,6 @@
 // extern "C" entry points over the raw launchers, for ctypes (CPU emulation tests only).
 #include "conv_factor_accumulate.h"
+#include "fast_divmod.cuh"
 #include "factor_accumulate.h"
 #include "precondition.h"
 #include "scale_accumulate.h"
@@ -56,11 +57,16 @@ int emu_scale(const float* gt, const float* at, float* S, float* ws, int n, int 
     return kfac::scale_accumulate_launch(a, nullptr);
 }
 
+// q, r of n / d through kfac::FastDivmod (the magic-number division of the conv kernels).
+void emu_fast_divmod(int d, int n, int* q, int* r) { kfac::FastDivmod::make(d).divmod(n, *q, *r); }
+
 long long emu_conv_workspace(int d, int splits) { return kfac::conv_factor_workspace_floats(d, splits); }
 
 // geometry: n, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw (12 ints)
+// tensor_cores: the sm_80+ kernels (3xTF32, or mma.sync bf16/fp16 when unweighted); 0: the SIMT kernel.
+// chunk_elements > 0: at most that many elements of x per tensor-core launch (0: the default).
 int emu_conv(const void* x, int x_type, const float* w, float* A, float* ws, const int* geometry, int bias,
-             int splits, float beta, float alpha) {
+             int splits, int tensor_cores, long long chunk_elements, float beta, float alpha) {
     const int* g = geometry;
     kfac::ConvFactorArgs a;
     a.x = x;
@@ -73,6 +79,8 @@ int emu_conv(const void* x, int x_type, const float* w, float* A, float* ws, con
                                 kfac::conv_output_size(g[3], g[5], g[7], g[9], g[11])};
     a.bias = bias != 0;
     a.splits = splits;
+    a.tensor_cores = tensor_cores != 0;
+    if (chunk_elements > 0) a.chunk_elements = chunk_elements;
     a.beta = beta;
     a.alpha = alpha;
     return kfac::conv_factor_launch(a, nullptr);

@@ -6,6 +6,7 @@
 // tested by tests/test_kernel_emulation.py on the same kinds of shapes; here the checks are
 // what a memory or ordering error would break: finite outputs, exact symmetry of the factors,
 // S <- beta S for an empty sum. Exit status 0 when every check passed.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -22,7 +23,7 @@ int emu_scale(const float* gt, const float* at, float* S, float* ws, int n, int 
               int d_out, int d_in, int splits, int tensor_cores, float beta, float alpha);
 long long emu_conv_workspace(int d, int splits);
 int emu_conv(const void* x, int x_type, const float* w, float* A, float* ws, const int* geometry, int bias,
-             int splits, float beta, float alpha);
+             int splits, int tensor_cores, long long chunk_elements, float beta, float alpha);
 long long emu_factor_workspace(int D, int splits);
 int emu_factor(float* A, const void* a, int a_type, const float* w, float* ws, int n, int d, int bias,
                int tensor_cores, int splits, float beta, float alpha);
@@ -166,8 +167,13 @@ void conv_cases() {
             std::vector<float> A(size_t(D) * D, NAN);
             Buffer ws(emu_conv_workspace(D, splits));
             const void* xp = type == 0 ? static_cast<const void*>(x.data()) : x16.data();
-            CHECK(emu_conv(xp, type, c[13] ? w.data() : nullptr, A.data(), ws.get(), c, bias, splits, 0.f, 1.f) == 0);
-            CHECK(all_finite(A) && symmetric(A, D));
+            for (int tensor_cores = 0; tensor_cores < 2; ++tensor_cores) {
+                std::fill(A.begin(), A.end(), NAN);
+                // chunks of one example (several launches) when n > 1 on the tensor-core path
+                CHECK(emu_conv(xp, type, c[13] ? w.data() : nullptr, A.data(), ws.get(), c, bias, splits,
+                               tensor_cores, tensor_cores && n > 1 ? (long long)C * H * W : 0, 0.f, 1.f) == 0);
+                CHECK(all_finite(A) && symmetric(A, D));
+            }
         }
 }
 

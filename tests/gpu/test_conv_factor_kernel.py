@@ -23,8 +23,19 @@ GEOMETRIES = [
 ]
 
 
-def rel(x, ref):
-    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+# Max error relative to the sum of |terms| (beta |A0| + alpha sum |w abar abar^T|), as for the factor
+# kernel: the tensor-core paths' rounding model (csrc/conv_factor_accumulate.cu) bounds it by about
+# ceil(rows/16) 2^-22 for bf16/fp16 and (3 + 3 ceil(rows/8)) 2^-22 for 3xTF32, < 5e-5 at these sizes.
+TOL = 5e-5
+
+
+def error(A, A0, x, w, geo, beta, alpha):
+    """Max |A - exact| / sum|terms|, elementwise, against the float64 unfold reference."""
+    value = reference64(A0, x, w, geo, beta, alpha)
+    w_abs = None if w is None else w.double()
+    scale = accumulate_conv_factor_reference(abs(beta) * A0.double().abs(), x.double().abs(), weights=w_abs,
+                                             beta=1.0, alpha=abs(alpha), **geo)
+    return ((A.double() - value).abs() / scale.clamp_min(1e-30)).max().item()
 
 
 def positions(H, W, k, s, p, d):
@@ -57,7 +68,7 @@ def test_matches_unfold_reference(geometry, dtype, bias, weighted):
     x, w, A0, geo = case(geometry, dtype, bias, weighted)
     A = A0.clone()
     accumulate_conv_factor(A, x, weights=w, beta=0.9, alpha=0.1, backend="cuda", **geo)
-    assert rel(A, reference64(A0, x, w, geo, 0.9, 0.1)) < 1e-5
+    assert error(A, A0, x, w, geo, 0.9, 0.1) < TOL
     assert torch.equal(A, A.t())
 
 
@@ -66,7 +77,7 @@ def test_beta_zero_never_reads_poisoned_factor():
     A = torch.full_like(A0, float("nan"))
     accumulate_conv_factor(A, x, weights=w, beta=0.0, alpha=0.5, backend="cuda", **geo)
     assert torch.isfinite(A).all()
-    assert rel(A, reference64(A0, x, w, geo, 0.0, 0.5)) < 1e-5
+    assert error(A, A0, x, w, geo, 0.0, 0.5) < TOL
 
 
 @pytest.mark.parametrize("splits", [1, 2, 5, 33])
@@ -81,14 +92,14 @@ def test_raw_kernel_splits_with_poisoned_workspace(splits):
                                geo["bias"], ws, splits, 0.0, 1.0, torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
     assert torch.isfinite(A).all() and torch.equal(A, A.t())
-    assert rel(A, reference64(A0, x, w, geo, 0.0, 1.0)) < 1e-5
+    assert error(A, A0, x, w, geo, 0.0, 1.0) < TOL
 
 
 def test_channels_last_input_is_accepted():
     x, w, A0, geo = case(GEOMETRIES[3], torch.float32, True, False, seed=3)
     A = A0.clone()
     accumulate_conv_factor(A, x.to(memory_format=torch.channels_last), beta=0.5, alpha=0.5, backend="cuda", **geo)
-    assert rel(A, reference64(A0, x, None, geo, 0.5, 0.5)) < 1e-5
+    assert error(A, A0, x, None, geo, 0.5, 0.5) < TOL
 
 
 def test_deterministic_bitwise():
@@ -108,4 +119,4 @@ def test_input_that_requires_grad_is_accepted():
     x.requires_grad_(True)
     A = A0.clone()
     accumulate_conv_factor(A, x, weights=w, beta=0.5, alpha=0.5, backend="cuda", **geo)
-    assert rel(A, reference64(A0, x.detach(), w, geo, 0.5, 0.5)) < 1e-5
+    assert error(A, A0, x.detach(), w, geo, 0.5, 0.5) < TOL
