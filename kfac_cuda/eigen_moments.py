@@ -51,6 +51,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from . import options
+from .adam_moments import adam_step, check_moment_state
 
 MOMENTS = ("adam",)
 Basis = Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]  # (output side, input side); None = identity
@@ -111,16 +112,11 @@ class EigenbasisMoments:
         return {n: layers[n][1].eigenbasis() for n in names}
 
     def _step(self, name: str, V: torch.Tensor, basis: Basis, before: Basis) -> Tuple[torch.Tensor, dict]:
-        b1, b2 = self.betas
         G = into_basis(V, basis)
         old = self.moments.get(name)
-        if old is None:
-            t, m, v = 1, (1 - b1) * G, (1 - b2) * G * G
-        else:
-            m = old["m"] if same_basis(basis, before) else into_basis(out_of_basis(old["m"], before), basis)
-            t, m, v = old["step"] + 1, b1 * m + (1 - b1) * G, b2 * old["v"] + (1 - b2) * G * G
-        direction = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + self.eps)
-        return out_of_basis(direction, basis), {"step": t, "m": m, "v": v}
+        carried = None if old is None or same_basis(basis, before) else into_basis(out_of_basis(old["m"], before), basis)
+        direction, state = adam_step(old, G, self.betas, self.eps, first_moment=carried)
+        return out_of_basis(direction, basis), state
 
     def propose(self, layers, names: Sequence[str], grads: Dict[str, torch.Tensor], before: Dict[str, Basis]):
         """(results, pending moments): (U, <U, V>) of every named layer that has a basis, and the
@@ -152,26 +148,8 @@ class EigenbasisMoments:
     def prepare_load(self, state, layers):
         """Validate a :meth:`state_dict` against the layers (names, shapes, finite, v >= 0, step >= 1)
         and return its loader (tensors converted to each layer's curvature dtype and device)."""
-        if not isinstance(state, dict) or state.get("kind") != self.kind or not isinstance(state.get("moments"), dict):
-            got = state.get("kind") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"checkpoint eigenbasis_moments state is for {got!r}, not {self.kind!r}")
-        for n, s in state["moments"].items():
-            where = f"checkpoint eigenbasis_moments state of layer {n!r}"
-            if n not in layers:
-                raise KeyError(f"{where}: no such preconditioned layer")
-            if not isinstance(s, dict) or set(s) != {"step", "m", "v"}:
-                raise ValueError(f"{where}: expected a dict with 'step', 'm' and 'v'")
-            if isinstance(s["step"], bool) or not isinstance(s["step"], int) or s["step"] < 1:
-                raise ValueError(f"{where}: step must be a positive integer, got {s['step']!r}")
-            shape = tuple(layers[n][1].grad_shape)
-            for k in ("m", "v"):
-                t = s[k]
-                if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or tuple(t.shape) != shape:
-                    raise ValueError(f"{where}: {k!r} must be a real tensor of shape {shape}")
-                if not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"{where}: {k!r} is not finite")
-            if bool((s["v"] < 0).any()):
-                raise ValueError(f"{where}: 'v' (a second moment) has negative entries")
+        check_moment_state(state, self.kind, "eigenbasis_moments",
+                           {n: tuple(layers[n][1].grad_shape) for n in state["moments"] if n in layers})
         moments = {}
         for n, s in state["moments"].items():
             like = layers[n][1]

@@ -23,6 +23,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import options
+from .adam_moments import adam_step, check_moment_state
 
 GRAFTING = ("adam", "sgd")
 DAMPING_MODES = ("absolute", "relative")
@@ -52,22 +53,13 @@ class Grafting:
         self.eps = options.real("grafting_eps", eps, low=0.0, low_open=True)
         self.moments: Dict[str, dict] = {}  # layer -> {"step": int, "m": tensor, "v": tensor}
 
-    def _adam_step(self, name: str, V: torch.Tensor) -> Tuple[torch.Tensor, dict]:
-        b1, b2 = self.betas
-        old = self.moments.get(name)
-        t = 1 if old is None else old["step"] + 1
-        m = (1 - b1) * V if old is None else b1 * old["m"] + (1 - b1) * V
-        v = (1 - b2) * V * V if old is None else b2 * old["v"] + (1 - b2) * V * V
-        step = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + self.eps)
-        return step, {"step": t, "m": m, "v": v}
-
     def propose(self, results: Dict[str, Tuple[torch.Tensor, torch.Tensor]], grads: Dict[str, torch.Tensor]):
         """(rescaled results, pending moments): every (U, <U, V>) scaled by ||a|| / ||U||."""
         scaled, pending = {}, {}
         for n, (U, dot) in results.items():
             V = grads[n].to(U.dtype)
             if self.kind == "adam":
-                a, pending[n] = self._adam_step(n, V)
+                a, pending[n] = adam_step(self.moments.get(n), V, self.betas, self.eps)
             else:
                 a = V
             norm_u = torch.linalg.vector_norm(U)
@@ -85,23 +77,7 @@ class Grafting:
 
     def prepare_load(self, state, shapes: Dict[str, Tuple[int, int]]):
         """Validate a :meth:`state_dict` against the layers' gradient shapes; return its loader."""
-        if not isinstance(state, dict) or state.get("kind") != self.kind or not isinstance(state.get("moments"), dict):
-            got = state.get("kind") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"checkpoint grafting state is for grafting={got!r}, not {self.kind!r}")
-        for n, s in state["moments"].items():
-            where = f"checkpoint grafting state of layer {n!r}"
-            if n not in shapes:
-                raise KeyError(f"{where}: no such preconditioned layer")
-            if not isinstance(s, dict) or set(s) != {"step", "m", "v"}:
-                raise ValueError(f"{where}: expected a dict with 'step', 'm' and 'v'")
-            if isinstance(s["step"], bool) or not isinstance(s["step"], int) or s["step"] < 1:
-                raise ValueError(f"{where}: step must be a positive integer, got {s['step']!r}")
-            for k in ("m", "v"):
-                t = s[k]
-                if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or tuple(t.shape) != shapes[n]:
-                    raise ValueError(f"{where}: {k!r} must be a real tensor of shape {shapes[n]}")
-                if not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"{where}: {k!r} is not finite")
+        check_moment_state(state, self.kind, "grafting", shapes)
         moments = {n: dict(s) for n, s in state["moments"].items()}
 
         def load() -> None:

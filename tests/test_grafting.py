@@ -102,6 +102,10 @@ def test_bad_grafting_checkpoints_are_refused_with_nothing_changed():
     bad["grafting"]["moments"]["2"]["v"] = torch.ones(3, 5, dtype=torch.float64)
     with pytest.raises(ValueError, match="shape"):
         other.load_state_dict(bad)
+    bad["grafting"]["moments"]["2"]["v"] = -torch.ones(2, 5, dtype=torch.float64)  # a second moment is >= 0
+    with pytest.raises(ValueError, match="negative"):
+        other.load_state_dict(bad)
+    assert other.steps == 0 and other.grafting.moments == {}
 
 
 def test_a_refused_step_leaves_the_grafting_moments_untouched():
