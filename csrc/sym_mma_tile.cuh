@@ -5,7 +5,7 @@
 // sX[k][i] = X[r0 + k][i0 + i], sY[k][j] = Y[r0 + k][j0 + j]. The kernels differ only in how
 // they stage a slab; the warp MMA over a staged slab and the epilogue are here.
 //   - tf32_slab: 3xTF32 (x = hi + lo, x y ~ hi hi' + hi lo' + lo hi', mma.m16n8k8, fp32 slabs);
-//     tf32_split_slab: the same on slabs split into hi/lo when staged (split_tf32).
+//     tf32_split_slab: the same on slabs split into hi/lo when staged (warp::split_tf32).
 //   - mma16_slab: bf16/fp16 (mma.m16n8k16, fragments through ldmatrix.trans, 16-bit slabs).
 //   - write_fragments / write_tile: accumulators -> shared tile -> A (EMA, mirrored, only
 //     row <= col, coalesced both ways) or the split's partial (upper triangle, raw).
@@ -114,15 +114,6 @@ __device__ __forceinline__ void tf32_slab(float (&acc)[2][4][4], const float (*s
         warp::mma_m16n8k8_tf32(acc[m][q], a_hi[m], b_hi[q]);
       }
   }
-}
-
-// The 3xTF32 split x = hi + lo of a staged value: hi = cvt.rna.tf32(x) (4 instructions on
-// sm_90: the Inf/NaN test included), lo = the same rounding of x - hi done on the bits
-// (2 instructions: x - hi is finite and tiny for finite x; for Inf/NaN x the hi part already
-// makes the products non-finite). Bit-identical to warp::to_tf32 for finite x.
-__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
-  hi = warp::to_tf32(x);
-  lo = (__float_as_uint(x - __uint_as_float(hi)) + 0x1000u) & 0xffffe000u;
 }
 
 // As tf32_slab, with the operands split once when staged (hi/lo slabs as tf32 bit patterns):
