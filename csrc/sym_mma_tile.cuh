@@ -81,8 +81,10 @@ __device__ __forceinline__ void write_fragments(float* A, float* partial, int D,
 // acc += sX[0:ROWS][wm*32..]^T sY[0:ROWS][wn*32..] with 3xTF32 (sm_80+): x = hi + lo with
 // hi = tf32(x), lo = tf32(x - hi); x y ~= hi hi' + hi lo' + lo hi' (lo lo', below 2^-22 |x y|,
 // is dropped), small terms first. Shared rows of LDS = 72 floats: the fragment loads (8 lanes
-// along i or j, 4 along k) hit 32 distinct banks.
-template <int ROWS, int LDS>
+// along i or j, 4 along k) hit 32 distinct banks. kBitSplit: split with warp::split_tf32_bits
+// (fewer instructions, identical for finite values; a NaN operand may come out finite, see
+// warp::round_tf32_bits) instead of cvt.rna for both parts.
+template <int ROWS, int LDS, bool kBitSplit = false>
 __device__ __forceinline__ void tf32_slab(float (&acc)[2][4][4], const float (*sX)[LDS], const float (*sY)[LDS],
                                           int wm, int wn, int lane) {
   const int g = lane / 4, t = lane % 4;  // fragment coordinates (csrc/warp_mma.cuh)
@@ -94,16 +96,24 @@ __device__ __forceinline__ void tf32_slab(float (&acc)[2][4][4], const float (*s
 #pragma unroll
       for (int e = 0; e < 4; ++e) {  // A(i, k) = sX[k][i]: a_e at i = g + 8(e & 1), k = t + 4(e >= 2)
         const float x = sX[k0 + t + 4 * (e >> 1)][wm * 32 + m * 16 + g + 8 * (e & 1)];
-        a_hi[m][e] = warp::to_tf32(x);
-        a_lo[m][e] = warp::to_tf32(x - __uint_as_float(a_hi[m][e]));
+        if constexpr (kBitSplit) {
+          warp::split_tf32_bits(x, a_hi[m][e], a_lo[m][e]);
+        } else {
+          a_hi[m][e] = warp::to_tf32(x);
+          a_lo[m][e] = warp::to_tf32(x - __uint_as_float(a_hi[m][e]));
+        }
       }
 #pragma unroll
     for (int q = 0; q < 4; ++q)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {  // B(k, j) = sY[k][j]: b_e at k = t + 4e, j = g
         const float y = sY[k0 + t + 4 * e][wn * 32 + q * 8 + g];
-        b_hi[q][e] = warp::to_tf32(y);
-        b_lo[q][e] = warp::to_tf32(y - __uint_as_float(b_hi[q][e]));
+        if constexpr (kBitSplit) {
+          warp::split_tf32_bits(y, b_hi[q][e], b_lo[q][e]);
+        } else {
+          b_hi[q][e] = warp::to_tf32(y);
+          b_lo[q][e] = warp::to_tf32(y - __uint_as_float(b_hi[q][e]));
+        }
       }
 #pragma unroll
     for (int m = 0; m < 2; ++m)
