@@ -78,6 +78,21 @@ __device__ __forceinline__ void write_fragments(float* A, float* partial, int D,
   write_tile<LDC>(A, partial, D, sC, i0, j0, alpha, beta);
 }
 
+// acc[m][q] += A_m B_q for one k8 step of a warp's 32x32 tile from split fragments, 3xTF32:
+// lo hi' + hi lo' + hi hi', small terms first.
+__device__ __forceinline__ void mma_3xtf32(float (&acc)[2][4][4], const uint32_t (&a_hi)[2][4],
+                                           const uint32_t (&a_lo)[2][4], const uint32_t (&b_hi)[4][2],
+                                           const uint32_t (&b_lo)[4][2]) {
+#pragma unroll
+  for (int m = 0; m < 2; ++m)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      warp::mma_m16n8k8_tf32(acc[m][q], a_lo[m], b_hi[q]);
+      warp::mma_m16n8k8_tf32(acc[m][q], a_hi[m], b_lo[q]);
+      warp::mma_m16n8k8_tf32(acc[m][q], a_hi[m], b_hi[q]);
+    }
+}
+
 // acc += sX[0:ROWS][wm*32..]^T sY[0:ROWS][wn*32..] with 3xTF32 (sm_80+): x = hi + lo with
 // hi = tf32(x), lo = tf32(x - hi); x y ~= hi hi' + hi lo' + lo hi' (lo lo', below 2^-22 |x y|,
 // is dropped), small terms first. Shared rows of LDS = 72 floats: the fragment loads (8 lanes
@@ -115,14 +130,7 @@ __device__ __forceinline__ void tf32_slab(float (&acc)[2][4][4], const float (*s
           b_lo[q][e] = warp::to_tf32(y - __uint_as_float(b_hi[q][e]));
         }
       }
-#pragma unroll
-    for (int m = 0; m < 2; ++m)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {  // small terms first
-        warp::mma_m16n8k8_tf32(acc[m][q], a_lo[m], b_hi[q]);
-        warp::mma_m16n8k8_tf32(acc[m][q], a_hi[m], b_lo[q]);
-        warp::mma_m16n8k8_tf32(acc[m][q], a_hi[m], b_hi[q]);
-      }
+    mma_3xtf32(acc, a_hi, a_lo, b_hi, b_lo);
   }
 }
 
@@ -152,14 +160,7 @@ __device__ __forceinline__ void tf32_split_slab(float (&acc)[2][4][4], const uin
         b_hi[q][e] = sYh[k][j];
         b_lo[q][e] = sYl[k][j];
       }
-#pragma unroll
-    for (int m = 0; m < 2; ++m)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {  // small terms first
-        warp::mma_m16n8k8_tf32(acc[m][q], a_lo[m], b_hi[q]);
-        warp::mma_m16n8k8_tf32(acc[m][q], a_hi[m], b_lo[q]);
-        warp::mma_m16n8k8_tf32(acc[m][q], a_hi[m], b_hi[q]);
-      }
+    mma_3xtf32(acc, a_hi, a_lo, b_hi, b_lo);
   }
 }
 
