@@ -61,7 +61,9 @@ def short_name(mangled: str) -> str:
     for i in range(len(mangled)):  # Itanium mangling: <length><identifier>, after a hash's digits too
         digits = re.match(r"\d+", mangled[i:])
         ident = mangled[i + digits.end():i + digits.end() + int(digits.group())] if digits else ""
-        if ident.endswith("_kernel"):
+        # The kernel's own identifier starts with a letter; a hash's digits read as a length can
+        # frame a longer one ending in _kernel that starts at the file tag ("_19_scale_...").
+        if ident[:1].isalpha() and ident.endswith("_kernel"):
             name = ident
             break
     rest = mangled.split(name, 1)[-1]

@@ -274,7 +274,7 @@ __device__ __forceinline__ SplitRows split_rows(int rows, int64_t rows_per_split
 }
 
 // 3xTF32: fp32 x, or weighted rows of any dtype; the slabs hold w_r P[r][i0 + i] and P[r][j0 + j]
-// split into tf32 hi and lo parts once, when staged (symtile::split_tf32).
+// split into tf32 hi and lo parts once, when staged (warp::split_tf32).
 template <typename T>
 __global__ void __launch_bounds__(kTcThreads)
     conv_tf32_kernel(const T* __restrict__ x, const float* __restrict__ w, TcGeom g, int D, int tiles,
@@ -306,8 +306,8 @@ __global__ void __launch_bounds__(kTcThreads)
 #pragma unroll
             for (int l = 0; l < 4; ++l) {
                 const int k = lane8 + 8 * rr, c = cg + 16 * l;
-                symtile::split_tf32(vx[rr][l] * wr[rr], sXh[k][c], sXl[k][c]);
-                symtile::split_tf32(vy[rr][l], sYh[k][c], sYl[k][c]);
+                warp::split_tf32(vx[rr][l] * wr[rr], sXh[k][c], sXl[k][c]);
+                warp::split_tf32(vy[rr][l], sYh[k][c], sYl[k][c]);
             }
         __syncthreads();
         if (r0 + ROWS < part.end) load_slab<ROWS>(vx, vy, wr, x, w, g, cols, r0 + ROWS, part.end);

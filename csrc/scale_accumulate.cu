@@ -47,6 +47,7 @@
 // gt, at or the workspace.
 #include "gemm_tile.cuh"
 #include "scale_accumulate.h"
+#include "sym_mma_tile.cuh"
 #include "warp_mma.cuh"
 
 namespace kfac {
@@ -192,45 +193,11 @@ __device__ __forceinline__ void stage_slab(float (*sX)[kLds], float (*sY)[kLds],
     }
 }
 
-// tf32 rounding of fp32 bits, to nearest with ties away from zero on the magnitude (what
-// cvt.rna.tf32.f32 does for finite values, in two integer instructions instead of cvt's
-// five-instruction sequence on sm_90). An input within half a tf32 ulp of FLT_MAX rounds to
-// Inf (its square overflows fp32 anyway); NaN stays NaN through the lo part.
-__device__ __forceinline__ uint32_t round_tf32(float x) { return (__float_as_uint(x) + 0x1000u) & 0xffffe000u; }
-
-// x = hi + lo within 2^-22 |x|: hi = tf32(x), lo = tf32(x - hi) (x - hi is exact in fp32).
-__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
-    hi = round_tf32(x);
-    lo = round_tf32(x - __uint_as_float(hi));
-}
-
-// acc += A B over one staged slab, 3xTF32: warp (wm, wn) takes A(i, k) = sX[k][wm*32 + i] and
-// B(k, j) = sY[k][wn*32 + j] in m16n8k8 fragments (layouts in csrc/warp_mma.cuh).
+// acc += A B over one staged slab, 3xTF32 (symtile::tf32_slab, operands split on the bits):
+// warp (wm, wn) takes A(i, k) = sX[k][wm*32 + i] and B(k, j) = sY[k][wn*32 + j].
 __device__ __forceinline__ void mma_slab(float (&acc)[2][4][4], const float (*sX)[kLds], const float (*sY)[kLds]) {
-    const int warp_id = threadIdx.x / 32, lane = threadIdx.x % 32, wm = warp_id / 2, wn = warp_id % 2;
-    const int g = lane / 4, t = lane % 4;
-#pragma unroll
-    for (int k0 = 0; k0 < kMmaRows; k0 += 8) {
-        uint32_t a_hi[2][4], a_lo[2][4], b_hi[4][2], b_lo[4][2];
-#pragma unroll
-        for (int m = 0; m < 2; ++m)
-#pragma unroll
-            for (int e = 0; e < 4; ++e)  // a_e at i = g + 8(e & 1), k = t + 4(e >= 2)
-                split_tf32(sX[k0 + t + 4 * (e >> 1)][wm * 32 + m * 16 + g + 8 * (e & 1)], a_hi[m][e], a_lo[m][e]);
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-#pragma unroll
-            for (int e = 0; e < 2; ++e)  // b_e at k = t + 4e, j = g
-                split_tf32(sY[k0 + t + 4 * e][wn * 32 + q * 8 + g], b_hi[q][e], b_lo[q][e]);
-#pragma unroll
-        for (int m = 0; m < 2; ++m)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {  // small terms first
-                warp::mma_m16n8k8_tf32(acc[m][q], a_lo[m], b_hi[q]);
-                warp::mma_m16n8k8_tf32(acc[m][q], a_hi[m], b_lo[q]);
-                warp::mma_m16n8k8_tf32(acc[m][q], a_hi[m], b_hi[q]);
-            }
-    }
+    const int warp_id = threadIdx.x / 32;
+    symtile::tf32_slab<kMmaRows, kLds, /*kBitSplit=*/true>(acc, sX, sY, warp_id / 2, warp_id % 2, threadIdx.x % 32);
 }
 
 // Writes the block's fragments (c_e of accumulator (m, q) at tile row wm*32 + m*16 + g + 8(e >= 2),

@@ -5,7 +5,7 @@
 // sX[k][i] = X[r0 + k][i0 + i], sY[k][j] = Y[r0 + k][j0 + j]. The kernels differ only in how
 // they stage a slab; the warp MMA over a staged slab and the epilogue are here.
 //   - tf32_slab: 3xTF32 (x = hi + lo, x y ~ hi hi' + hi lo' + lo hi', mma.m16n8k8, fp32 slabs);
-//     tf32_split_slab: the same on slabs split into hi/lo when staged (split_tf32).
+//     tf32_split_slab: the same on slabs split into hi/lo when staged (warp::split_tf32).
 //   - mma16_slab: bf16/fp16 (mma.m16n8k16, fragments through ldmatrix.trans, 16-bit slabs).
 //   - write_fragments / write_tile: accumulators -> shared tile -> A (EMA, mirrored, only
 //     row <= col, coalesced both ways) or the split's partial (upper triangle, raw).
@@ -78,11 +78,28 @@ __device__ __forceinline__ void write_fragments(float* A, float* partial, int D,
   write_tile<LDC>(A, partial, D, sC, i0, j0, alpha, beta);
 }
 
+// acc[m][q] += A_m B_q for one k8 step of a warp's 32x32 tile from split fragments, 3xTF32:
+// lo hi' + hi lo' + hi hi', small terms first.
+__device__ __forceinline__ void mma_3xtf32(float (&acc)[2][4][4], const uint32_t (&a_hi)[2][4],
+                                           const uint32_t (&a_lo)[2][4], const uint32_t (&b_hi)[4][2],
+                                           const uint32_t (&b_lo)[4][2]) {
+#pragma unroll
+  for (int m = 0; m < 2; ++m)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      warp::mma_m16n8k8_tf32(acc[m][q], a_lo[m], b_hi[q]);
+      warp::mma_m16n8k8_tf32(acc[m][q], a_hi[m], b_lo[q]);
+      warp::mma_m16n8k8_tf32(acc[m][q], a_hi[m], b_hi[q]);
+    }
+}
+
 // acc += sX[0:ROWS][wm*32..]^T sY[0:ROWS][wn*32..] with 3xTF32 (sm_80+): x = hi + lo with
 // hi = tf32(x), lo = tf32(x - hi); x y ~= hi hi' + hi lo' + lo hi' (lo lo', below 2^-22 |x y|,
 // is dropped), small terms first. Shared rows of LDS = 72 floats: the fragment loads (8 lanes
-// along i or j, 4 along k) hit 32 distinct banks.
-template <int ROWS, int LDS>
+// along i or j, 4 along k) hit 32 distinct banks. kBitSplit: split with warp::split_tf32_bits
+// (fewer instructions, identical for finite values; a NaN operand may come out finite, see
+// warp::round_tf32_bits) instead of cvt.rna for both parts.
+template <int ROWS, int LDS, bool kBitSplit = false>
 __device__ __forceinline__ void tf32_slab(float (&acc)[2][4][4], const float (*sX)[LDS], const float (*sY)[LDS],
                                           int wm, int wn, int lane) {
   const int g = lane / 4, t = lane % 4;  // fragment coordinates (csrc/warp_mma.cuh)
@@ -94,35 +111,27 @@ __device__ __forceinline__ void tf32_slab(float (&acc)[2][4][4], const float (*s
 #pragma unroll
       for (int e = 0; e < 4; ++e) {  // A(i, k) = sX[k][i]: a_e at i = g + 8(e & 1), k = t + 4(e >= 2)
         const float x = sX[k0 + t + 4 * (e >> 1)][wm * 32 + m * 16 + g + 8 * (e & 1)];
-        a_hi[m][e] = warp::to_tf32(x);
-        a_lo[m][e] = warp::to_tf32(x - __uint_as_float(a_hi[m][e]));
+        if constexpr (kBitSplit) {
+          warp::split_tf32_bits(x, a_hi[m][e], a_lo[m][e]);
+        } else {
+          a_hi[m][e] = warp::to_tf32(x);
+          a_lo[m][e] = warp::to_tf32(x - __uint_as_float(a_hi[m][e]));
+        }
       }
 #pragma unroll
     for (int q = 0; q < 4; ++q)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {  // B(k, j) = sY[k][j]: b_e at k = t + 4e, j = g
         const float y = sY[k0 + t + 4 * e][wn * 32 + q * 8 + g];
-        b_hi[q][e] = warp::to_tf32(y);
-        b_lo[q][e] = warp::to_tf32(y - __uint_as_float(b_hi[q][e]));
+        if constexpr (kBitSplit) {
+          warp::split_tf32_bits(y, b_hi[q][e], b_lo[q][e]);
+        } else {
+          b_hi[q][e] = warp::to_tf32(y);
+          b_lo[q][e] = warp::to_tf32(y - __uint_as_float(b_hi[q][e]));
+        }
       }
-#pragma unroll
-    for (int m = 0; m < 2; ++m)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {  // small terms first
-        warp::mma_m16n8k8_tf32(acc[m][q], a_lo[m], b_hi[q]);
-        warp::mma_m16n8k8_tf32(acc[m][q], a_hi[m], b_lo[q]);
-        warp::mma_m16n8k8_tf32(acc[m][q], a_hi[m], b_hi[q]);
-      }
+    mma_3xtf32(acc, a_hi, a_lo, b_hi, b_lo);
   }
-}
-
-// The 3xTF32 split x = hi + lo of a staged value: hi = cvt.rna.tf32(x) (4 instructions on
-// sm_90: the Inf/NaN test included), lo = the same rounding of x - hi done on the bits
-// (2 instructions: x - hi is finite and tiny for finite x; for Inf/NaN x the hi part already
-// makes the products non-finite). Bit-identical to warp::to_tf32 for finite x.
-__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
-  hi = warp::to_tf32(x);
-  lo = (__float_as_uint(x - __uint_as_float(hi)) + 0x1000u) & 0xffffe000u;
 }
 
 // As tf32_slab, with the operands split once when staged (hi/lo slabs as tf32 bit patterns):
@@ -151,14 +160,7 @@ __device__ __forceinline__ void tf32_split_slab(float (&acc)[2][4][4], const uin
         b_hi[q][e] = sYh[k][j];
         b_lo[q][e] = sYl[k][j];
       }
-#pragma unroll
-    for (int m = 0; m < 2; ++m)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {  // small terms first
-        warp::mma_m16n8k8_tf32(acc[m][q], a_lo[m], b_hi[q]);
-        warp::mma_m16n8k8_tf32(acc[m][q], a_hi[m], b_lo[q]);
-        warp::mma_m16n8k8_tf32(acc[m][q], a_hi[m], b_hi[q]);
-      }
+    mma_3xtf32(acc, a_hi, a_lo, b_hi, b_lo);
   }
 }
 

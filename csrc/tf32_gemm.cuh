@@ -48,13 +48,6 @@ constexpr int NT = WN / 8;   // n8 tiles per warp
 static_assert((BM / WM) * (BN / WN) * 32 == THREADS, "warp layout");
 static_assert((BM * BK) % THREADS == 0 && (BK * BN) % THREADS == 0, "staging");
 
-// x = hi + lo with hi = tf32(x), lo = tf32(x - hi), as tf32 bit patterns (fp32 with the low 13
-// mantissa bits zero). tf32() rounds to nearest, ties away from zero, like cvt.rna.tf32.f32 for
-// every finite x (including the carry into the exponent and the overflow of x >= 2^128 - 2^115
-// to infinity) in two integer instructions instead of cvt's emulation on sm_90; only NaN payloads
-// may differ (a NaN input still gives non-finite results).
-__device__ __forceinline__ uint32_t tf32(float x) { return (__float_as_uint(x) + 0x1000u) & 0xffffe000u; }
-
 // Shared slice of one operand with ROWS rows (m for A, n for B) and BK k-columns, the hi and lo
 // parts in separate planes so that each fragment register is one LDS.32 straight into place.
 // Row length: ROWS + 8 words (k-major; = 8 mod 32) or BK + 4 = 20 (row-major): the 32 lanes of
@@ -67,9 +60,10 @@ struct Slice {
     uint32_t lo[kSize];
     __device__ __forceinline__ static int index(int row, int k) { return KFAST ? row * kLd + k : k * kLd + row; }
     __device__ __forceinline__ void store(int row, int k, float x) {
-        const uint32_t h = tf32(x);
+        uint32_t h, l;
+        warp::split_tf32_bits(x, h, l);
         hi[index(row, k)] = h;
-        lo[index(row, k)] = tf32(x - __uint_as_float(h));
+        lo[index(row, k)] = l;
     }
 };
 

@@ -101,5 +101,31 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
 #endif
 }
 
+// The same rounding done on the fp32 bits, (bits + 2^12) & ~(2^13 - 1): two integer
+// instructions instead of cvt.rna's longer sequence on sm_90 (its Inf/NaN test included).
+// Bit-identical to to_tf32 for every finite x, including the carry into the exponent and x
+// within half a tf32 ulp of FLT_MAX rounding to Inf; +-Inf stay +-Inf. NOT safe for NaN: NaNs
+// whose payload sits in the low 13 bits become Inf, and the GPU's canonical NaN 0x7fffffff
+// (what fp32 arithmetic on a NaN returns) becomes -0.0 (0xffffffff becomes +0.0), so a value
+// that may be NaN needs to_tf32 (or a NaN test elsewhere) if the NaN must propagate.
+__device__ __forceinline__ uint32_t round_tf32_bits(float x) {
+  return (__float_as_uint(x) + 0x1000u) & 0xffffe000u;
+}
+
+// The 3xTF32 split x ~= hi + lo (within 2^-22 |x|; x - hi is exact in fp32): hi = to_tf32(x),
+// lo = round_tf32_bits(x - hi) (x - hi is finite and tiny for finite x). NaN-safe: a NaN or Inf
+// x gives a NaN or Inf hi, so the products stay non-finite.
+__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
+  hi = to_tf32(x);
+  lo = round_tf32_bits(x - __uint_as_float(hi));
+}
+
+// The same split with both parts rounded on the bits (2 integer instructions each): identical to
+// split_tf32 for finite x, +-Inf included; a NaN x may come out finite (see round_tf32_bits).
+__device__ __forceinline__ void split_tf32_bits(float x, uint32_t& hi, uint32_t& lo) {
+  hi = round_tf32_bits(x);
+  lo = round_tf32_bits(x - __uint_as_float(hi));
+}
+
 }  // namespace warp
 }  // namespace kfac

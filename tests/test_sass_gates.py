@@ -95,3 +95,10 @@ def test_hot_loop_compute_fraction_floor(kernels):
         floor = BUDGETS[base(k)][1]
         if floor:
             assert k.hot_loop is not None and k.hot_loop.compute_fraction >= floor, (k.name, k.hot_loop)
+
+
+def test_short_name_is_not_fooled_by_the_namespace_hash():
+    # nvcc's anonymous-namespace hash depends on the source path; this one (a build in another
+    # checkout) ends in digits that, read as a length, frame "_19_scale_..._kernel".
+    mangled = "_ZN4kfac52_GLOBAL__N__16377856_19_scale_accumulate_cu_a0aef49222scale_rows_tf32_kernelEPKfS2_PfS3_iiiiff"
+    assert kernel_sass.short_name(mangled) == "scale_rows_tf32_kernel"
